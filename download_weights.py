@@ -1,0 +1,247 @@
+"""Fetch the worker's model weights, or build tiny random stand-ins of the same classes.
+
+Real weights (needs the Hugging Face hub):
+    python download_weights.py                      # SDXL base + refiner + fp16-fix VAE, Wan2.1 I2V
+    python download_weights.py --only wan --dir /runpod-volume/models
+Tiny stand-ins (fully offline, a few MB, used by the demo and the tests):
+    python download_weights.py --tiny models/tiny
+
+Real weights land in the Hugging Face cache (HF_HOME, e.g. /runpod-volume/huggingface-cache
+on a RunPod network volume) or, with --dir, in one folder per model; the worker then finds
+them through SDXL_MODEL_ID / SDXL_REFINER_ID / SDXL_VAE_ID / WAN_MODEL_ID (hub ids or folders).
+The tiny models mirror the real repositories' layout (model_index.json, one subfolder per
+component, fp16 variant files for SDXL) so the worker's real loading code runs on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# What each real model needs from the hub: SDXL in its fp16 variant only (half the bytes).
+REAL_MODELS: dict[str, dict] = {
+    "sdxl-base": {
+        "repo_id": "stabilityai/stable-diffusion-xl-base-1.0",
+        "allow_patterns": ["*.json", "*.txt", "**/*.fp16.safetensors"],
+    },
+    "sdxl-refiner": {
+        "repo_id": "stabilityai/stable-diffusion-xl-refiner-1.0",
+        "allow_patterns": ["*.json", "*.txt", "**/*.fp16.safetensors"],
+    },
+    "sdxl-vae": {
+        "repo_id": "madebyollin/sdxl-vae-fp16-fix",
+        "allow_patterns": ["config.json", "diffusion_pytorch_model.safetensors"],
+    },
+    "wan-i2v": {
+        "repo_id": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+        "allow_patterns": ["*.json", "*.txt", "*.model", "**/*.safetensors", "**/*.json"],
+    },
+}
+GROUPS = {"sdxl": ["sdxl-base", "sdxl-refiner", "sdxl-vae"], "wan": ["wan-i2v"]}
+
+
+def with_retries(fn: Callable[[], str], what: str, tries: int = 5, first_wait_s: float = 5.0) -> str:
+    """Run fn, retrying with exponential backoff: hub downloads of 70 GB do hit transient errors."""
+    for attempt in range(1, tries + 1):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - any network/hub failure is worth another try
+            if attempt == tries:
+                raise
+            wait = first_wait_s * 2 ** (attempt - 1)
+            print(f"{what}: attempt {attempt}/{tries} failed ({err}); retrying in {wait:.0f}s", flush=True)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def download_real(names: list[str], target_dir: Path | None) -> dict[str, str]:
+    """Download the named real models; returns name -> local path (the value to put in the env var)."""
+    from huggingface_hub import snapshot_download
+
+    paths = {}
+    for name in names:
+        spec = REAL_MODELS[name]
+        local_dir = str(target_dir / name) if target_dir else None
+        paths[name] = with_retries(
+            lambda spec=spec, local_dir=local_dir: snapshot_download(
+                spec["repo_id"], allow_patterns=spec["allow_patterns"], local_dir=local_dir
+            ),
+            spec["repo_id"],
+        )
+        print(f"{name}: {paths[name]}", flush=True)
+    return paths
+
+
+# --------------------------------------------------------------------------------------
+# Tiny random models. Sizes follow diffusers' own pipeline tests; the structure follows
+# the real checkpoints (DESIGN.md section 5).
+# --------------------------------------------------------------------------------------
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    # A character-level BPE (no merges): every printable ASCII character is a token, so any
+    # prompt tokenizes without unknown-token surprises.
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(chr(c), -3.0) for c in range(33, 127)]
+    pieces += [("\u2581" + chr(c), -2.5) for c in range(33, 127)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def _sdxl_text_encoders(seed: int):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    common = dict(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+        layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=200,
+        max_position_embeddings=77, hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**common))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=32, **common))
+    return text_encoder, text_encoder_2
+
+
+def _sdxl_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    # The real SDXL base/refiner scheduler config.
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", interpolation_type="linear",
+    )
+
+
+def _sdxl_unet(refiner: bool, seed: int):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    # Base: time ids (6 x 8) + pooled text (32) = 80; refiner: 5 time ids (aesthetic score) + 32 = 72.
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=72 if refiner else 80,
+        cross_attention_dim=32 if refiner else 64, norm_num_groups=32,
+    )
+
+
+def _sdxl_vae(seed: int):
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    # Four blocks like the real VAE, so the spatial factor is 8 as in SDXL.
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=8, sample_size=128, scaling_factor=0.13025, force_upcast=False,
+    )
+
+
+def build_tiny_sdxl(out: Path) -> None:
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    vae = _sdxl_vae(seed=0)
+    vae.save_pretrained(out / "sdxl-vae")
+    text_encoder, text_encoder_2 = _sdxl_text_encoders(seed=1)
+    base = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=_clip_tokenizer(),
+        tokenizer_2=_clip_tokenizer(), unet=_sdxl_unet(refiner=False, seed=3), scheduler=_sdxl_scheduler(),
+        force_zeros_for_empty_prompt=True,
+    )
+    # Saved as the fp16 variant, as the worker (like worker-sdxl) loads variant="fp16".
+    base.save_pretrained(out / "sdxl-base", variant="fp16")
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None,
+        tokenizer_2=_clip_tokenizer(), unet=_sdxl_unet(refiner=True, seed=4), scheduler=_sdxl_scheduler(),
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+    )
+    refiner.save_pretrained(out / "sdxl-refiner", variant="fp16")
+
+
+def build_tiny_wan(out: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(10)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    torch.manual_seed(11)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=200, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    )
+    torch.manual_seed(12)
+    # image_size 32 / patch 2 = 256 patches + CLS = 257 tokens, as the real ViT-H/14 at 224.
+    image_encoder = CLIPVisionModel(
+        CLIPVisionConfig(hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2,
+                         image_size=32, intermediate_size=16, patch_size=2)
+    )
+    image_processor = CLIPImageProcessor(crop_size=32, size=32)
+    torch.manual_seed(13)
+    # The real I2V transformer has image_dim (CLIP width) and added_kv_proj_dim (= inner dim).
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=4, added_kv_proj_dim=24, rope_max_seq_len=1024,
+    )
+    # The real checkpoint's scheduler: UniPC in flow-matching mode, shift 3.0 for 480P.
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
+    )
+    pipe = WanImageToVideoPipeline(
+        tokenizer=_t5_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+        image_processor=image_processor, image_encoder=image_encoder, transformer=transformer,
+    )
+    pipe.save_pretrained(out / "wan-i2v")
+
+
+def build_tiny(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    build_tiny_sdxl(out)
+    build_tiny_wan(out)
+    print(f"tiny models written to {out}: sdxl-base, sdxl-refiner, sdxl-vae, wan-i2v", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", metavar="DIR", type=Path, help="build tiny random models into DIR (offline)")
+    parser.add_argument("--only", choices=sorted(GROUPS), help="fetch only SDXL or only Wan")
+    parser.add_argument("--dir", type=Path, help="download into DIR/<model> instead of the HF cache")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        build_tiny(args.tiny)
+        return 0
+    names = GROUPS[args.only] if args.only else [n for group in GROUPS.values() for n in group]
+    paths = download_real(names, args.dir)
+    if args.dir:
+        env = {"sdxl-base": "SDXL_MODEL_ID", "sdxl-refiner": "SDXL_REFINER_ID",
+               "sdxl-vae": "SDXL_VAE_ID", "wan-i2v": "WAN_MODEL_ID"}
+        print("set: " + " ".join(f"{env[n]}={p}" for n, p in paths.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""ModelHandler: loads the SDXL and Wan2.1 pipelines once, places them, and runs one job each.
+
+Nothing loads at import or construction: SDXL loads on the first image job and Wan on the
+first video job (or at start-up through PRELOAD_MODELS), then both stay. On a GPU the
+model-card dtypes apply (SDXL fp16 with the fp16-fix VAE; Wan transformer and UMT5 in
+bf16, its CLIP image encoder and VAE in fp32); on CPU everything runs in float32, the
+same code path. When both models cannot be resident on the GPU at once, the one not
+needed is parked in CPU memory before the other runs, and Wan falls back to diffusers'
+model CPU offload if it cannot fit alone.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from settings import Settings
+
+log = logging.getLogger("worker")
+GIB = 1024**3
+# Weights in GPU memory (DESIGN.md section 4): Wan in model-card dtypes, SDXL base + refiner in fp16.
+WAN_WEIGHTS_GIB = 44.0
+SDXL_WEIGHTS_GIB = 10.7
+
+Progress = Callable[[str, int, int], None]  # (phase, step, total)
+
+
+class GenerationError(RuntimeError):
+    """A job that failed in a way the user can act on; str(err) is the sentence they see."""
+
+
+class ModelUnavailable(GenerationError):
+    """Weights are missing locally; the message names the env var and the fetch command."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each model lives while a job of one mode runs on a GPU."""
+
+    keep_both: bool  # SDXL and Wan may both stay on the GPU
+    wan_offload: bool  # Wan does not fit alone: diffusers model CPU offload
+
+
+def plan_placement(gpu_total_gib: float, headroom_gib: float,
+                   wan_gib: float = WAN_WEIGHTS_GIB, sdxl_gib: float = SDXL_WEIGHTS_GIB) -> Placement:
+    """Decide residency from the GPU's memory; pure so it can be checked for any card size."""
+    return Placement(keep_both=gpu_total_gib >= wan_gib + sdxl_gib + headroom_gib,
+                     wan_offload=gpu_total_gib < wan_gib + headroom_gib)
+
+
+def make_scheduler(name: str, config: Any):
+    """A fresh scheduler per job (schedulers carry per-run state), built from the model's config."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        DPMSolverSinglestepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        LMSDiscreteScheduler,
+        PNDMScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    factories = {
+        "DDIM": (DDIMScheduler, {}),
+        "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
+        "KLMS": (LMSDiscreteScheduler, {}),
+        "K_EULER": (EulerDiscreteScheduler, {}),
+        "K_EULER_ANCESTRAL": (EulerAncestralDiscreteScheduler, {}),
+        "DPMSolverMultistep": (DPMSolverMultistepScheduler, {}),
+        "DPMSolverSinglestep": (DPMSolverSinglestepScheduler, {}),
+        "DPMSolverMultistep_Karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+        "UniPC": (UniPCMultistepScheduler, {}),
+    }
+    cls, overrides = factories[name]
+    return cls.from_config(config, **overrides)
+
+
+class ModelHandler:
+    """Owns the pipelines for the life of the worker process."""
+
+    def __init__(self, settings: Settings, device: str | None = None) -> None:
+        self.settings = settings
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.base = self.refiner = self.wan = None
+        self._wan_offloaded = False
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory / GIB
+            self.placement = plan_placement(total, settings.gpu_headroom_gib)
+        else:
+            self.placement = Placement(keep_both=True, wan_offload=False)
+
+    # ------------------------------------------------------------------ loading
+    def _dtype(self, gpu_dtype: torch.dtype) -> torch.dtype:
+        return gpu_dtype if self.device.type == "cuda" else torch.float32
+
+    def load_sdxl(self) -> float:
+        """Load SDXL base + refiner (sharing VAE and the big text encoder); returns seconds spent."""
+        if self.base is not None:
+            return 0.0
+        from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+        start = time.perf_counter()
+        s, dtype = self.settings, self._dtype(torch.float16)
+        with _missing_weights("SDXL_VAE_ID", s.sdxl_vae_id, "sdxl"):
+            vae = AutoencoderKL.from_pretrained(s.sdxl_vae_id, dtype=dtype, local_files_only=True)
+        with _missing_weights("SDXL_MODEL_ID", s.sdxl_model_id, "sdxl"):
+            base = StableDiffusionXLPipeline.from_pretrained(
+                s.sdxl_model_id, vae=vae, dtype=dtype, variant="fp16", use_safetensors=True,
+                add_watermarker=False, local_files_only=True)
+        with _missing_weights("SDXL_REFINER_ID", s.sdxl_refiner_id, "sdxl"):
+            refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+                s.sdxl_refiner_id, vae=vae, text_encoder_2=base.text_encoder_2, dtype=dtype, variant="fp16",
+                use_safetensors=True, add_watermarker=False, local_files_only=True)
+        for pipe in (base, refiner):
+            pipe.set_progress_bar_config(disable=True)
+        self.base, self.refiner = base.to(self.device), refiner.to(self.device)
+        seconds = time.perf_counter() - start
+        log.info("SDXL loaded on %s in %.1f s", self.device, seconds)
+        return seconds
+
+    def load_wan(self) -> float:
+        """Load the Wan2.1 I2V pipeline in model-card dtypes; returns seconds spent."""
+        if self.wan is not None:
+            return 0.0
+        from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
+        from transformers import CLIPVisionModel
+
+        start = time.perf_counter()
+        model_id = self.settings.wan_model_id
+        with _missing_weights("WAN_MODEL_ID", model_id, "wan"):
+            image_encoder = CLIPVisionModel.from_pretrained(model_id, subfolder="image_encoder",
+                                                            dtype=torch.float32, local_files_only=True)
+            vae = AutoencoderKLWan.from_pretrained(model_id, subfolder="vae", dtype=torch.float32,
+                                                   local_files_only=True)
+            pipe = WanImageToVideoPipeline.from_pretrained(model_id, vae=vae, image_encoder=image_encoder,
+                                                           dtype=self._dtype(torch.bfloat16), local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        if self.placement.wan_offload:
+            self._park_sdxl()
+            pipe.enable_model_cpu_offload(device=self.device)
+            self._wan_offloaded = True
+        else:
+            if not self.placement.keep_both:
+                self._park_sdxl()
+            pipe.to(self.device)
+        self.wan = pipe
+        seconds = time.perf_counter() - start
+        log.info("Wan2.1 I2V loaded on %s in %.1f s (cpu offload: %s)", self.device, seconds, self._wan_offloaded)
+        return seconds
+
+    # ---------------------------------------------------------------- placement
+    def _park_sdxl(self) -> None:
+        if self.base is not None and self.base.device.type == "cuda":
+            log.info("Moving SDXL to CPU memory: it does not fit on the GPU beside Wan")
+            self.base.to("cpu")
+            self.refiner.to("cpu")
+            free_memory()
+
+    def _park_wan(self) -> None:
+        if self.wan is not None and not self._wan_offloaded and self.wan.device.type == "cuda":
+            log.info("Moving Wan to CPU memory: it does not fit on the GPU beside SDXL")
+            self.wan.to("cpu")
+            free_memory()
+
+    def _prepare(self, mode: str) -> float:
+        """Load what the mode needs and make it resident; returns load seconds."""
+        if mode == "image":
+            seconds = self.load_sdxl()
+            if not self.placement.keep_both:
+                self._park_wan()
+            if self.base.device != self.device:
+                self.base.to(self.device)
+                self.refiner.to(self.device)
+            return seconds
+        seconds = self.load_wan()
+        if not self.placement.keep_both:
+            self._park_sdxl()
+        if not self._wan_offloaded and self.wan.device != self.device:
+            self.wan.to(self.device)
+        return seconds
+
+    # ------------------------------------------------------------------- jobs
+    def generate_images(self, p: dict[str, Any], init_image: Image.Image | None,
+                        progress: Progress) -> tuple[list[Image.Image], dict[str, float]]:
+        """SDXL base + refiner as an ensemble of experts, or refiner img2img when an image is given."""
+        load_s = self._prepare("image")
+        self.base.scheduler = make_scheduler(p["scheduler"], self.base.scheduler.config)
+        self.refiner.scheduler = make_scheduler(p["scheduler"], self.refiner.scheduler.config)
+        generator = torch.Generator("cpu").manual_seed(p["seed"])
+        common = dict(prompt=p["prompt"], negative_prompt=p["negative_prompt"], guidance_scale=p["guidance_scale"],
+                      num_images_per_prompt=p["num_images"], generator=generator)
+        start = time.perf_counter()
+        with _friendly_oom(f"{p['num_images']} image(s) of {p['width']}x{p['height']}",
+                           "fewer images or a smaller size"):
+            if init_image is not None:
+                total = int(p["refiner_inference_steps"] * p["strength"])
+                images = self.refiner(image=init_image, strength=p["strength"],
+                                      num_inference_steps=p["refiner_inference_steps"],
+                                      callback_on_step_end=_step_callback(progress, "refine", 0, total),
+                                      **common).images
+            else:
+                base_steps = int(p["num_inference_steps"] * p["high_noise_frac"])
+                refiner_steps = p["refiner_inference_steps"] - int(p["refiner_inference_steps"] * p["high_noise_frac"])
+                total = base_steps + refiner_steps
+                latents = self.base(height=p["height"], width=p["width"], num_inference_steps=p["num_inference_steps"],
+                                    denoising_end=p["high_noise_frac"], output_type="latent",
+                                    callback_on_step_end=_step_callback(progress, "base", 0, total),
+                                    **common).images
+                images = self.refiner(image=latents, num_inference_steps=p["refiner_inference_steps"],
+                                      denoising_start=p["high_noise_frac"],
+                                      callback_on_step_end=_step_callback(progress, "refine", base_steps, total),
+                                      **common).images
+        return images, {"load_s": load_s, "inference_s": time.perf_counter() - start}
+
+    def generate_video(self, p: dict[str, Any], image: Image.Image,
+                       progress: Progress) -> tuple[np.ndarray, dict[str, float]]:
+        """Wan2.1 image-to-video; `image` is already resized to p["width"] x p["height"]."""
+        from diffusers import UniPCMultistepScheduler
+
+        load_s = self._prepare("video")
+        self.wan.scheduler = UniPCMultistepScheduler.from_config(self.wan.scheduler.config, flow_shift=p["flow_shift"])
+        generator = torch.Generator("cpu").manual_seed(p["seed"])
+        start = time.perf_counter()
+        what = f"{p['num_frames']} frames of {p['width']}x{p['height']}"
+        with _friendly_oom(what, "fewer frames or a smaller size"):
+            frames = self.wan(
+                image=image, prompt=p["prompt"], negative_prompt=p["negative_prompt"], height=p["height"],
+                width=p["width"], num_frames=p["num_frames"], num_inference_steps=p["num_inference_steps"],
+                guidance_scale=p["guidance_scale"], generator=generator, output_type="np",
+                callback_on_step_end=_step_callback(progress, "denoise", 0, p["num_inference_steps"]),
+            ).frames[0]
+        return frames, {"load_s": load_s, "inference_s": time.perf_counter() - start}
+
+
+def _step_callback(progress: Progress, phase: str, offset: int, total: int):
+    def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+        progress(phase, offset + step + 1, total)
+        return kwargs
+
+    return callback
+
+
+class _missing_weights:
+    """Turn 'not in the local cache' into one sentence naming the env var and the fetch command."""
+
+    def __init__(self, env_var: str, model_id: str, group: str) -> None:
+        self.env_var, self.model_id, self.group = env_var, model_id, group
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
+        # from_pretrained(local_files_only=True) raises OSError for a hub id not in the cache and
+        # for a folder that does not exist or lacks the files.
+        if exc_type is not None and issubclass(exc_type, OSError):
+            raise ModelUnavailable(
+                f"Model weights for {self.env_var}={self.model_id!r} are not available locally; fetch them with "
+                f"'python download_weights.py --only {self.group}' or point {self.env_var} at a model folder."
+            ) from exc
+        return False
+
+
+class _friendly_oom:
+    """CUDA out-of-memory -> a GenerationError saying what to ask for instead; frees the memory."""
+
+    def __init__(self, what: str, advice: str) -> None:
+        self.what, self.advice = what, advice
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc_type is not None and issubclass(exc_type, torch.OutOfMemoryError):
+            free_memory()
+            raise GenerationError(f"The GPU ran out of memory generating {self.what}; ask for {self.advice}.") from None
+        return False
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

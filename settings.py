@@ -1,0 +1,129 @@
+"""Worker configuration: every environment variable the worker reads, in one place.
+
+`load_settings(env)` is a pure function of a mapping, so tests call it with a plain dict;
+the worker calls it once with os.environ at start-up. A broken configuration (for example
+a bucket half configured) raises `SettingsError` there, before any job is taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+DEFAULT_SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+DEFAULT_SDXL_REFINER_ID = "stabilityai/stable-diffusion-xl-refiner-1.0"
+DEFAULT_SDXL_VAE_ID = "madebyollin/sdxl-vae-fp16-fix"
+DEFAULT_WAN_MODEL_ID = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
+BUCKET_VARS = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY")
+
+
+class SettingsError(ValueError):
+    """The environment describes a configuration the worker cannot run with."""
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """S3-compatible storage for results (RunPod's BUCKET_* convention)."""
+
+    endpoint_url: str
+    access_key_id: str
+    secret_access_key: str = field(repr=False)  # never printed, not even in a repr
+    name: str
+    url_expiry_s: int
+
+    def __repr__(self) -> str:
+        return f"Bucket(endpoint_url={self.endpoint_url!r}, name={self.name!r}, url_expiry_s={self.url_expiry_s})"
+
+
+@dataclass(frozen=True)
+class Settings:
+    sdxl_model_id: str = DEFAULT_SDXL_MODEL_ID
+    sdxl_refiner_id: str = DEFAULT_SDXL_REFINER_ID
+    sdxl_vae_id: str = DEFAULT_SDXL_VAE_ID
+    wan_model_id: str = DEFAULT_WAN_MODEL_ID
+    preload: tuple[str, ...] = ()  # models loaded at start-up instead of on their first job
+    bucket: Bucket | None = None
+    # Request guards (hostile or simply too large input), checked before any model work.
+    max_video_tokens: int = 49_140  # latent tokens; 480x832x81 is 32,760
+    max_image_pixels: int = 4 * 1024 * 1024 * 2  # num_images x height x width
+    max_input_image_bytes: int = 20 * 1024 * 1024
+    max_input_image_pixels: int = 40_000_000
+    fetch_timeout_s: float = 15.0
+    # GPU memory (GiB) kept free for activations when deciding whether SDXL and Wan fit together.
+    gpu_headroom_gib: float = 16.0
+    # runpod's own logger defaults to DEBUG, which prints whole job inputs (megabytes of base64).
+    runpod_log_level: str = "INFO"
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number, got {raw!r}.") from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be positive, got {value}.")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}.") from None
+
+
+def _bucket(env: Mapping[str, str]) -> Bucket | None:
+    present = [name for name in BUCKET_VARS if env.get(name, "").strip()]
+    if not present:
+        return None
+    if len(present) < len(BUCKET_VARS):
+        missing = [name for name in BUCKET_VARS if name not in present]
+        # runpod would silently write results to a local folder here; refuse instead.
+        raise SettingsError(f"S3 output is half configured: {', '.join(present)} set but {', '.join(missing)} "
+                            f"missing; set all three or none.")
+    endpoint = env["BUCKET_ENDPOINT_URL"].strip()
+    parsed = urlparse(endpoint)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise SettingsError(f"BUCKET_ENDPOINT_URL must be an http(s) URL, got {endpoint!r}.")
+    name = env.get("BUCKET_NAME", "").strip()
+    if not name and parsed.path.strip("/"):
+        # Path-style endpoint such as https://s3.example.com/my-bucket.
+        name = parsed.path.strip("/").split("/")[0]
+        endpoint = f"{parsed.scheme}://{parsed.netloc}"
+    if not name:
+        raise SettingsError("BUCKET_NAME is not set and BUCKET_ENDPOINT_URL names no bucket; set BUCKET_NAME.")
+    expiry = _int(env, "BUCKET_URL_EXPIRY_S", 7 * 24 * 3600)
+    if expiry > 7 * 24 * 3600:
+        raise SettingsError(f"BUCKET_URL_EXPIRY_S must be at most 604800 (7 days, the S3 limit), got {expiry}.")
+    return Bucket(endpoint_url=endpoint, access_key_id=env["BUCKET_ACCESS_KEY_ID"].strip(),
+                  secret_access_key=env["BUCKET_SECRET_ACCESS_KEY"].strip(), name=name, url_expiry_s=expiry)
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Read the worker's configuration from an environment mapping."""
+    preload = tuple(p.strip() for p in env.get("PRELOAD_MODELS", "").split(",") if p.strip())
+    for name in preload:
+        if name not in ("sdxl", "wan"):
+            raise SettingsError(f"PRELOAD_MODELS may list 'sdxl' and 'wan', got {name!r}.")
+    return Settings(
+        sdxl_model_id=env.get("SDXL_MODEL_ID") or DEFAULT_SDXL_MODEL_ID,
+        sdxl_refiner_id=env.get("SDXL_REFINER_ID") or DEFAULT_SDXL_REFINER_ID,
+        sdxl_vae_id=env.get("SDXL_VAE_ID") or DEFAULT_SDXL_VAE_ID,
+        wan_model_id=env.get("WAN_MODEL_ID") or DEFAULT_WAN_MODEL_ID,
+        preload=preload,
+        bucket=_bucket(env),
+        max_video_tokens=_int(env, "MAX_VIDEO_TOKENS", Settings.max_video_tokens),
+        max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", Settings.max_image_pixels),
+        max_input_image_bytes=_int(env, "MAX_INPUT_IMAGE_BYTES", Settings.max_input_image_bytes),
+        max_input_image_pixels=_int(env, "MAX_INPUT_IMAGE_PIXELS", Settings.max_input_image_pixels),
+        fetch_timeout_s=_float(env, "FETCH_TIMEOUT_S", Settings.fetch_timeout_s),
+        gpu_headroom_gib=_float(env, "GPU_HEADROOM_GIB", Settings.gpu_headroom_gib),
+        runpod_log_level=env.get("RUNPOD_LOG_LEVEL") or env.get("RUNPOD_DEBUG_LEVEL") or "INFO",
+    )
