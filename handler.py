@@ -70,12 +70,10 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
                          f"the worker is ready for the next job."}
 
 
-def _progress(job: dict[str, Any]):
-    on_runpod = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))
-
+def _progress(job: dict[str, Any], settings: Settings):
     def report(phase: str, step: int, total: int) -> None:
         update = {"phase": phase, "step": step, "total": total}
-        if on_runpod:
+        if settings.on_runpod:
             runpod.serverless.progress_update(job, update)
         else:  # no RunPod API to post to locally: log instead
             log.info("job %s: %s step %d/%d", job.get("id"), phase, step, total)
@@ -101,7 +99,7 @@ def _image_job(job: dict[str, Any], p: dict[str, Any], settings: Settings, model
         size = fit_area(init_image.width, init_image.height, p["width"] * p["height"], 8)
         init_image = init_image.resize(size)
         p["width"], p["height"] = size
-    images, timings = models.generate_images(p, init_image, _progress(job))
+    images, timings = models.generate_images(p, init_image, _progress(job, settings))
     start = time.perf_counter()
     artifacts = [Artifact(png_bytes(im), "image/png", f"image-{i}.png") for i, im in enumerate(images)]
     timings["encode_s"] = time.perf_counter() - start
@@ -128,7 +126,7 @@ def _video_job(job: dict[str, Any], p: dict[str, Any], settings: Settings, model
         _check_video_budget(p, settings)
     # As in diffusers' Wan I2V recipe: the first frame is the input resized to the video size.
     image = image.resize((p["width"], p["height"]))
-    frames, timings = models.generate_video(p, image, _progress(job))
+    frames, timings = models.generate_video(p, image, _progress(job, settings))
     start = time.perf_counter()
     mp4 = frames_to_mp4(frames, p["fps"])
     timings["encode_s"] = time.perf_counter() - start
@@ -192,7 +190,7 @@ def _local_handler(job: dict[str, Any]) -> dict[str, Any]:
     result = handler(job)
     if "error" in result:
         return result
-    return save_outputs(result, Path(os.environ.get("LOCAL_OUTPUT_DIR", "outputs")) / str(job.get("id", "local")))
+    return save_outputs(result, Path(_settings.local_output_dir) / str(job.get("id", "local")))
 
 
 def main() -> None:
@@ -210,7 +208,7 @@ def main() -> None:
             models.load_sdxl() if name == "sdxl" else models.load_wan()
         except GenerationError as err:  # keep serving: each job will report the same clear error
             log.error("preload of %s failed: %s", name, err)
-    local_test = "--rp_serve_api" not in sys.argv and not os.environ.get("RUNPOD_WEBHOOK_GET_JOB")
+    local_test = "--rp_serve_api" not in sys.argv and not settings.on_runpod
     runpod.serverless.start({"handler": _local_handler if local_test else handler})
 
 

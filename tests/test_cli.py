@@ -1,0 +1,52 @@
+"""The local entry points a user types: `python handler.py --test_input ...` and the README's demo command."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, png_b64
+
+from video_utils import probe_mp4
+
+
+def run(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("BUCKET_", "RUNPOD_"))} | env
+    return subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_test_input_flag_runs_one_job_and_writes_the_video(tiny_env, tmp_path):
+    job = {"input": {"mode": "video", "prompt": "leaves fall", "image_url": png_b64(), "height": 64, "width": 64,
+                     "num_frames": 9, "num_inference_steps": 2, "fps": 24}}
+    out = run([sys.executable, "handler.py", "--test_input", json.dumps(job)],
+              tiny_env | {"LOCAL_OUTPUT_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    video = probe_mp4((tmp_path / "local_test" / "video.mp4").read_bytes())
+    assert (video["frames"], video["fps"], video["width"], video["height"]) == (9, 24, 64, 64)
+    assert "Job local_test completed successfully" in out.stdout
+    # The log shows where the video went, not megabytes of base64.
+    assert str(tmp_path / "local_test" / "video.mp4") in out.stdout
+    assert not re.search(r"[A-Za-z0-9+/]{2000}", out.stdout + out.stderr)
+
+
+def test_test_input_flag_reports_a_bad_request_and_exits_nonzero(tiny_env, tmp_path):
+    job = {"input": {"mode": "video", "prompt": "x", "image_url": png_b64(), "num_frames": 8}}
+    out = run([sys.executable, "handler.py", "--test_input", json.dumps(job)], tiny_env)
+    assert out.returncode == 1
+    assert "Field 'num_frames' must be an integer from 5 to 161 of the form 4k+1, got number 8." in out.stdout
+
+
+def test_readme_demo_command_writes_a_playable_video(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    assert "\nmake demo\n" in readme
+    out = run(["make", "demo"], {"LOCAL_OUTPUT_DIR": str(tmp_path)}, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    job = json.loads((ROOT / "test_input.json").read_text())["input"]
+    video = probe_mp4(Path(tmp_path / "local_test" / "video.mp4").read_bytes())
+    # test_input.json's 4:3 picture -> 720x544 inside Wan's 480x832 area.
+    assert (video["frames"], video["fps"], video["width"], video["height"]) == (job["num_frames"], 16, 720, 544)
+    assert video["codec"].startswith("h264") and video["pix_fmt"].startswith("yuv420p")
