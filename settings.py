@@ -7,8 +7,10 @@ a bucket half configured) raises `SettingsError` there, before any job is taken.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlparse
 
 DEFAULT_SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -31,9 +33,11 @@ class Bucket:
     secret_access_key: str = field(repr=False)  # never printed, not even in a repr
     name: str
     url_expiry_s: int
+    region: str = "us-east-1"  # signs requests and presigned URLs (SigV4 scopes them to a region)
 
     def __repr__(self) -> str:
-        return f"Bucket(endpoint_url={self.endpoint_url!r}, name={self.name!r}, url_expiry_s={self.url_expiry_s})"
+        return (f"Bucket(endpoint_url={self.endpoint_url!r}, name={self.name!r}, region={self.region!r}, "
+                f"url_expiry_s={self.url_expiry_s})")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,9 @@ class Settings:
     gpu_headroom_gib: float = 16.0
     # runpod's own logger defaults to DEBUG, which prints whole job inputs (megabytes of base64).
     runpod_log_level: str = "INFO"
+    # Set by RunPod on its workers; without it the worker runs locally (test_input / local API).
+    on_runpod: bool = False
+    local_output_dir: str = "outputs"  # where local test runs write their media
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -79,6 +86,14 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise SettingsError(f"{name} must be a number, got {raw!r}.") from None
 
 
+# https://<bucket>.s3.<region>.amazonaws.com: the form RunPod's docs show for BUCKET_ENDPOINT_URL.
+_AWS_VIRTUAL_HOST = re.compile(r"^(?P<bucket>[a-z0-9][a-z0-9.-]*)\.s3[.-](?P<region>[a-z0-9-]+)\.amazonaws\.com$")
+# Region inside common endpoints: s3.<region>.amazonaws.com, s3.<region>.backblazeb2.com,
+# <region>.digitaloceanspaces.com.
+_ENDPOINT_REGION = (re.compile(r"(?:^|\.)s3[.-](?P<region>[a-z0-9-]+)\.(?:amazonaws|backblazeb2)\.com$"),
+                    re.compile(r"^(?P<region>[a-z0-9-]+)\.digitaloceanspaces\.com$"))
+
+
 def _bucket(env: Mapping[str, str]) -> Bucket | None:
     present = [name for name in BUCKET_VARS if env.get(name, "").strip()]
     if not present:
@@ -88,22 +103,45 @@ def _bucket(env: Mapping[str, str]) -> Bucket | None:
         # runpod would silently write results to a local folder here; refuse instead.
         raise SettingsError(f"S3 output is half configured: {', '.join(present)} set but {', '.join(missing)} "
                             f"missing; set all three or none.")
-    endpoint = env["BUCKET_ENDPOINT_URL"].strip()
+    endpoint = env["BUCKET_ENDPOINT_URL"].strip().rstrip("/")
     parsed = urlparse(endpoint)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise SettingsError(f"BUCKET_ENDPOINT_URL must be an http(s) URL, got {endpoint!r}.")
     name = env.get("BUCKET_NAME", "").strip()
-    if not name and parsed.path.strip("/"):
-        # Path-style endpoint such as https://s3.example.com/my-bucket.
-        name = parsed.path.strip("/").split("/")[0]
-        endpoint = f"{parsed.scheme}://{parsed.netloc}"
+    host = parsed.hostname
+    named_in_url = parsed.path.strip("/").split("/")[0]
+    virtual = _AWS_VIRTUAL_HOST.match(host)
+    if virtual:
+        # Virtual-hosted AWS endpoint: the bucket is the first label; talk to the regional endpoint.
+        named_in_url = virtual["bucket"]
+        host = f"s3.{virtual['region']}.amazonaws.com"
+    if named_in_url:
+        if name and name != named_in_url:
+            raise SettingsError(f"BUCKET_ENDPOINT_URL names bucket {named_in_url!r} but BUCKET_NAME is {name!r}; "
+                                f"set one of them, or both to the same bucket.")
+        # Path-style (https://s3.example.com/my-bucket) or virtual-hosted: keep only scheme and host.
+        name = named_in_url
+        endpoint = f"{parsed.scheme}://{host}" + (f":{parsed.port}" if parsed.port else "")
     if not name:
         raise SettingsError("BUCKET_NAME is not set and BUCKET_ENDPOINT_URL names no bucket; set BUCKET_NAME.")
+    region = env.get("BUCKET_REGION", "").strip()
+    if not region:
+        found = (pattern.search(host) for pattern in _ENDPOINT_REGION)
+        region = next((m["region"] for m in found if m), "us-east-1")
     expiry = _int(env, "BUCKET_URL_EXPIRY_S", 7 * 24 * 3600)
     if expiry > 7 * 24 * 3600:
         raise SettingsError(f"BUCKET_URL_EXPIRY_S must be at most 604800 (7 days, the S3 limit), got {expiry}.")
     return Bucket(endpoint_url=endpoint, access_key_id=env["BUCKET_ACCESS_KEY_ID"].strip(),
-                  secret_access_key=env["BUCKET_SECRET_ACCESS_KEY"].strip(), name=name, url_expiry_s=expiry)
+                  secret_access_key=env["BUCKET_SECRET_ACCESS_KEY"].strip(), name=name, url_expiry_s=expiry,
+                  region=region)
+
+
+def _model_location(env: Mapping[str, str], var: str, folder: str, hub_id: str) -> str:
+    """The env var if set, else MODEL_DIR/<folder> when it exists (baked weights), else the hub id."""
+    if env.get(var):
+        return env[var]
+    baked = Path(env.get("MODEL_DIR") or "/models") / folder
+    return str(baked) if (baked / "model_index.json").exists() or (baked / "config.json").exists() else hub_id
 
 
 def load_settings(env: Mapping[str, str]) -> Settings:
@@ -113,10 +151,10 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         if name not in ("sdxl", "wan"):
             raise SettingsError(f"PRELOAD_MODELS may list 'sdxl' and 'wan', got {name!r}.")
     return Settings(
-        sdxl_model_id=env.get("SDXL_MODEL_ID") or DEFAULT_SDXL_MODEL_ID,
-        sdxl_refiner_id=env.get("SDXL_REFINER_ID") or DEFAULT_SDXL_REFINER_ID,
-        sdxl_vae_id=env.get("SDXL_VAE_ID") or DEFAULT_SDXL_VAE_ID,
-        wan_model_id=env.get("WAN_MODEL_ID") or DEFAULT_WAN_MODEL_ID,
+        sdxl_model_id=_model_location(env, "SDXL_MODEL_ID", "sdxl-base", DEFAULT_SDXL_MODEL_ID),
+        sdxl_refiner_id=_model_location(env, "SDXL_REFINER_ID", "sdxl-refiner", DEFAULT_SDXL_REFINER_ID),
+        sdxl_vae_id=_model_location(env, "SDXL_VAE_ID", "sdxl-vae", DEFAULT_SDXL_VAE_ID),
+        wan_model_id=_model_location(env, "WAN_MODEL_ID", "wan-i2v", DEFAULT_WAN_MODEL_ID),
         preload=preload,
         bucket=_bucket(env),
         max_video_tokens=_int(env, "MAX_VIDEO_TOKENS", Settings.max_video_tokens),
@@ -126,4 +164,6 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         fetch_timeout_s=_float(env, "FETCH_TIMEOUT_S", Settings.fetch_timeout_s),
         gpu_headroom_gib=_float(env, "GPU_HEADROOM_GIB", Settings.gpu_headroom_gib),
         runpod_log_level=env.get("RUNPOD_LOG_LEVEL") or env.get("RUNPOD_DEBUG_LEVEL") or "INFO",
+        on_runpod=bool(env.get("RUNPOD_WEBHOOK_GET_JOB")),
+        local_output_dir=env.get("LOCAL_OUTPUT_DIR") or "outputs",
     )

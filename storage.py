@@ -10,6 +10,7 @@ limit, otherwise the job fails with the cause. Credentials never reach a message
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,6 +21,10 @@ from video_utils import data_uri
 log = logging.getLogger("worker")
 # RunPod caps job payloads (10 MB on /run, 20 MB on /runsync); inline results stay under it.
 MAX_INLINE_CHARS = 10_000_000
+# Tries per object and the first pause between them (doubled after each failure): 1 s + 2 s.
+UPLOAD_ATTEMPTS = 3
+UPLOAD_BACKOFF_S = 1.0
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 
 @dataclass(frozen=True)
@@ -49,61 +54,90 @@ def _client(bucket: Bucket):
     from botocore.config import Config
 
     # Retries are ours (below), so that connection failures and auth errors get the same backoff.
+    # Checksums only when required: botocore >= 1.36 otherwise adds CRC headers that several
+    # S3-compatible stores (older MinIO, R2, B2, Spaces) reject.
     config = Config(signature_version="s3v4", retries={"max_attempts": 1, "mode": "standard"},
-                    connect_timeout=5, read_timeout=30, s3={"addressing_style": "path"})
+                    connect_timeout=5, read_timeout=30, s3={"addressing_style": "path"},
+                    request_checksum_calculation="when_required", response_checksum_validation="when_required")
     return boto3.client("s3", endpoint_url=bucket.endpoint_url, aws_access_key_id=bucket.access_key_id,
                         aws_secret_access_key=bucket.secret_access_key, config=config,
-                        region_name="us-east-1")
+                        region_name=bucket.region)
 
 
-def upload(artifacts: list[Artifact], job_id: str, bucket: Bucket, attempts: int = 3,
-           backoff_s: float = 1.0) -> list[str]:
-    """Upload each artifact under '<job id>/<file>' and return presigned GET URLs, retrying failures."""
-    from botocore.exceptions import BotoCoreError, ClientError
+def object_prefix(job_id: str) -> str:
+    """'<job id>/<random>': the random part keeps a re-run of the same job id from overwriting."""
+    return f"{_UNSAFE_KEY_CHARS.sub('_', job_id) or 'job'}/{uuid.uuid4().hex[:8]}"
 
-    client = _client(bucket)
-    # A random part keeps retries of the same job id (RunPod may re-run a job) from overwriting.
-    prefix = f"{job_id}/{uuid.uuid4().hex[:8]}"
+
+def upload(artifacts: list[Artifact], job_id: str, bucket: Bucket, attempts: int | None = None,
+           backoff_s: float | None = None) -> list[str]:
+    """Upload each artifact under '<job id>/<random>/<file>' and return presigned GET URLs, retrying failures.
+
+    Any failure (endpoint down, credentials refused, bucket missing, even a client that cannot be
+    built) is retried `attempts` times in all, then raised as `UploadFailed` with a message free of
+    credentials.
+    """
+    attempts = UPLOAD_ATTEMPTS if attempts is None else max(1, attempts)
+    backoff_s = UPLOAD_BACKOFF_S if backoff_s is None else backoff_s
+    prefix = object_prefix(job_id)
+    client = None
     urls = []
     for artifact in artifacts:
         key = f"{prefix}/{artifact.filename}"
         for attempt in range(1, attempts + 1):
             try:
+                client = client or _client(bucket)
                 client.put_object(Bucket=bucket.name, Key=key, Body=artifact.data, ContentType=artifact.mime)
+                urls.append(client.generate_presigned_url(
+                    "get_object", Params={"Bucket": bucket.name, "Key": key}, ExpiresIn=bucket.url_expiry_s))
                 break
-            except (BotoCoreError, ClientError) as err:
+            except Exception as err:  # noqa: BLE001 - every failure gets the retry and then the inline fallback
                 cause = _scrub(_describe(err), bucket)
                 if attempt == attempts:
                     raise UploadFailed(cause) from None
                 log.warning("upload of %s failed (%s); attempt %d/%d", key, cause, attempt, attempts)
                 time.sleep(backoff_s * 2 ** (attempt - 1))
-        urls.append(client.generate_presigned_url("get_object", Params={"Bucket": bucket.name, "Key": key},
-                                                  ExpiresIn=bucket.url_expiry_s))
     return urls
 
 
 def _describe(err: Exception) -> str:
     response = getattr(err, "response", None)
-    if response and "Error" in response:
+    if isinstance(response, dict) and "Error" in response:
         code = response["Error"].get("Code", "")
-        return f"{code}: {response['Error'].get('Message', '')}".strip(": ")
+        message = response["Error"].get("Message", "")
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        text = f"{code}: {message}".strip(": ")
+        if text:
+            return text
+        return f"HTTP {status}" if status else type(err).__name__
     return type(err).__name__ + (f": {err}" if str(err) else "")
 
 
 def deliver(artifacts: list[Artifact], job_id: str, bucket: Bucket | None, output: str,
-            attempts: int = 3, backoff_s: float = 1.0) -> tuple[list[str], list[str]]:
-    """Return (one URL or data URI per artifact, warnings) according to the request's `output`."""
+            attempts: int | None = None, backoff_s: float | None = None) -> tuple[list[str], list[str]]:
+    """Return (one URL or data URI per artifact, warnings) according to the request's `output`.
+
+    output 'base64' always inlines; 'auto' uploads when a bucket is configured; 's3' requires one.
+    """
+    if output == "s3" and bucket is None:
+        raise DeliveryError("Field 'output' is 's3' but no bucket is configured (BUCKET_ENDPOINT_URL, "
+                            "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY); ask for 'auto' or 'base64'.")
     if bucket is None or output == "base64":
         return [data_uri(a.data, a.mime) for a in artifacts], []
+    attempts = UPLOAD_ATTEMPTS if attempts is None else max(1, attempts)
     try:
         return upload(artifacts, job_id, bucket, attempts=attempts, backoff_s=backoff_s), []
     except UploadFailed as err:
         inline = [data_uri(a.data, a.mime) for a in artifacts]
         size = sum(len(uri) for uri in inline)
+        tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
         if size <= MAX_INLINE_CHARS:
-            log.error("upload failed after %d attempts (%s); returning the result inline", attempts, err)
-            return inline, [f"Upload to bucket '{bucket.name}' failed after {attempts} attempts ({err}); "
+            log.error("upload to bucket '%s' failed after %s (%s); returning the result inline",
+                      bucket.name, tries, err)
+            return inline, [f"Upload to bucket '{bucket.name}' failed after {tries} ({err}); "
                             f"the result is returned inline as base64 instead."]
-        raise DeliveryError(f"Upload to bucket '{bucket.name}' failed after {attempts} attempts ({err}) and the "
-                            f"result ({size:,} characters as base64) exceeds the {MAX_INLINE_CHARS:,}-character "
-                            f"inline limit; fix the bucket settings or ask for a smaller output.") from None
+        message = (f"Upload to bucket '{bucket.name}' failed after {tries} ({err}) and the result "
+                   f"({size:,} characters as base64) exceeds the {MAX_INLINE_CHARS:,}-character inline limit; "
+                   f"fix the bucket settings or ask for a smaller output.")
+        log.error("%s", message)
+        raise DeliveryError(message) from None
