@@ -14,7 +14,8 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,19 +42,49 @@ class ModelUnavailable(GenerationError):
     """Weights are missing locally; the message names the env var and the fetch command."""
 
 
+# The transformer's block linears in float8 (torchao) take ~15 GiB instead of ~30.5 GiB.
+WAN_FP8_WEIGHTS_GIB = 29.0
+# Smallest card for "offload": the bf16 transformer (30.5 GiB) alone plus activations.
+OFFLOAD_MIN_GIB = 40.0
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where each model lives while a job of one mode runs on a GPU."""
 
     keep_both: bool  # SDXL and Wan may both stay on the GPU
-    wan_offload: bool  # Wan does not fit alone: diffusers model CPU offload
+    wan_profile: str  # full: all resident | offload: model CPU offload | lowvram: group offload
 
 
-def plan_placement(gpu_total_gib: float, headroom_gib: float,
-                   wan_gib: float = WAN_WEIGHTS_GIB, sdxl_gib: float = SDXL_WEIGHTS_GIB) -> Placement:
+def plan_placement(gpu_total_gib: float, headroom_gib: float, profile: str = "auto", fp8: bool = False,
+                   sdxl_gib: float = SDXL_WEIGHTS_GIB) -> Placement:
     """Decide residency from the GPU's memory; pure so it can be checked for any card size."""
-    return Placement(keep_both=gpu_total_gib >= wan_gib + sdxl_gib + headroom_gib,
-                     wan_offload=gpu_total_gib < wan_gib + headroom_gib)
+    wan_gib = WAN_FP8_WEIGHTS_GIB if fp8 else WAN_WEIGHTS_GIB
+    if profile == "auto":
+        if gpu_total_gib >= wan_gib + headroom_gib:
+            profile = "full"
+        elif gpu_total_gib >= OFFLOAD_MIN_GIB or (fp8 and gpu_total_gib >= 20):
+            profile = "offload"
+        else:
+            profile = "lowvram"
+    keep_both = profile == "full" and gpu_total_gib >= wan_gib + sdxl_gib + headroom_gib
+    return Placement(keep_both=keep_both, wan_profile=profile)
+
+
+def pick_attention_backend(requested: str, device: torch.device) -> str:
+    """The attention backend to use: the request, else the fastest one importable for this device.
+
+    On Hopper, PyTorch's own SDPA (flash) measured faster than cuDNN attention and than the PyPI
+    sageattention build (DESIGN.md section 6); FlashAttention 3 is preferred when installed.
+    """
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn_interface") is not None:
+            return "_flash_3"
+    return "native"
 
 
 def make_scheduler(name: str, config: Any):
@@ -91,12 +122,13 @@ class ModelHandler:
         self.settings = settings
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.base = self.refiner = self.wan = None
-        self._wan_offloaded = False
         if self.device.type == "cuda":
-            total = torch.cuda.get_device_properties(self.device).total_memory / GIB
-            self.placement = plan_placement(total, settings.gpu_headroom_gib)
+            total = settings.gpu_memory_gib or torch.cuda.get_device_properties(self.device).total_memory / GIB
+            self.placement = plan_placement(total, settings.gpu_headroom_gib, settings.memory_profile, settings.wan_fp8)
         else:
-            self.placement = Placement(keep_both=True, wan_offload=False)
+            self.placement = Placement(keep_both=True, wan_profile="full")
+        self.attention_backend = pick_attention_backend(settings.attention_backend, self.device)
+        log.info("device %s, placement %s, attention backend %s", self.device, self.placement, self.attention_backend)
 
     # ------------------------------------------------------------------ loading
     def _dtype(self, gpu_dtype: torch.dtype) -> torch.dtype:
@@ -122,6 +154,9 @@ class ModelHandler:
                 use_safetensors=True, add_watermarker=False, local_files_only=True)
         for pipe in (base, refiner):
             pipe.set_progress_bar_config(disable=True)
+            pipe.unet.set_attention_backend(self.attention_backend)
+            if s.sdxl_compile:
+                pipe.unet.compile_repeated_blocks(fullgraph=True)
         self.base, self.refiner = base.to(self.device), refiner.to(self.device)
         seconds = time.perf_counter() - start
         log.info("SDXL loaded on %s in %.1f s", self.device, seconds)
@@ -144,17 +179,29 @@ class ModelHandler:
             pipe = WanImageToVideoPipeline.from_pretrained(model_id, vae=vae, image_encoder=image_encoder,
                                                            dtype=self._dtype(torch.bfloat16), local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
-        if self.placement.wan_offload:
+        if not self.placement.keep_both:
             self._park_sdxl()
-            pipe.enable_model_cpu_offload(device=self.device)
-            self._wan_offloaded = True
-        else:
-            if not self.placement.keep_both:
-                self._park_sdxl()
+        profile = self.placement.wan_profile
+        if self.settings.wan_fp8:
+            # torchao quantizes on the GPU; the transformer goes there first, whatever the profile.
+            pipe.transformer.to(self.device)
+            _quantize_fp8(pipe.transformer)
+        if profile == "full":
             pipe.to(self.device)
+        elif profile == "offload":
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:  # lowvram: stream the transformer's and text encoder's blocks in on CUDA streams
+            pipe.vae.to(self.device).enable_tiling()
+            pipe.image_encoder.to(self.device)
+            pipe.enable_group_offload(onload_device=self.device, offload_type="block_level", num_blocks_per_group=1,
+                                      use_stream=True, exclude_modules=["vae", "image_encoder"])
+        pipe.transformer.set_attention_backend(self.attention_backend)
+        if self.settings.wan_compile:
+            pipe.transformer.compile_repeated_blocks(fullgraph=True)
         self.wan = pipe
         seconds = time.perf_counter() - start
-        log.info("Wan2.1 I2V loaded on %s in %.1f s (cpu offload: %s)", self.device, seconds, self._wan_offloaded)
+        log.info("Wan2.1 I2V loaded on %s in %.1f s (profile %s, fp8 %s, compile %s)", self.device, seconds,
+                 profile, self.settings.wan_fp8, self.settings.wan_compile)
         return seconds
 
     # ---------------------------------------------------------------- placement
@@ -166,7 +213,7 @@ class ModelHandler:
             free_memory()
 
     def _park_wan(self) -> None:
-        if self.wan is not None and not self._wan_offloaded and self.wan.device.type == "cuda":
+        if self.wan is not None and self.placement.wan_profile == "full" and self.wan.device.type == "cuda":
             log.info("Moving Wan to CPU memory: it does not fit on the GPU beside SDXL")
             self.wan.to("cpu")
             free_memory()
@@ -184,7 +231,7 @@ class ModelHandler:
         seconds = self.load_wan()
         if not self.placement.keep_both:
             self._park_sdxl()
-        if not self._wan_offloaded and self.wan.device != self.device:
+        if self.placement.wan_profile == "full" and self.wan.device != self.device:
             self.wan.to(self.device)
         return seconds
 
@@ -231,7 +278,7 @@ class ModelHandler:
         generator = torch.Generator("cpu").manual_seed(p["seed"])
         start = time.perf_counter()
         what = f"{p['num_frames']} frames of {p['width']}x{p['height']}"
-        with _friendly_oom(what, "fewer frames or a smaller size"):
+        with _friendly_oom(what, "fewer frames or a smaller size"), _step_cache(self.wan.transformer, p):
             frames = self.wan(
                 image=image, prompt=p["prompt"], negative_prompt=p["negative_prompt"], height=p["height"],
                 width=p["width"], num_frames=p["num_frames"], num_inference_steps=p["num_inference_steps"],
@@ -239,6 +286,37 @@ class ModelHandler:
                 callback_on_step_end=_step_callback(progress, "denoise", 0, p["num_inference_steps"]),
             ).frames[0]
         return frames, {"load_s": load_s, "inference_s": time.perf_counter() - start}
+
+
+@contextmanager
+def _step_cache(transformer: torch.nn.Module, p: dict[str, Any]) -> Iterator[None]:
+    """Enable the request's step cache for one job only; always removed afterwards."""
+    kind = p.get("step_cache", "off")
+    if kind == "off":
+        yield
+        return
+    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    config = (FirstBlockCacheConfig(threshold=p["step_cache_threshold"]) if kind == "first_block"
+              # diffusers' default patterns ("^blocks.*attn") match none of Wan's attn1/attn2/ffn modules.
+              else TaylorSeerCacheConfig(taylor_factors_dtype=transformer.dtype,
+                                         cache_identifiers=[r"blocks\.\d+\.(attn1|attn2|ffn)"]))
+    transformer.enable_cache(config)
+    try:
+        yield
+    finally:
+        transformer.disable_cache()
+
+
+def _quantize_fp8(transformer: torch.nn.Module) -> None:
+    """Float8 weights and dynamic float8 activations (per row) for the transformer blocks' linears.
+
+    The embedders and the output projection stay in bf16: they are small and most sensitive.
+    """
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear) and fqn.startswith("blocks."))
 
 
 def _step_callback(progress: Progress, phase: str, offset: int, total: int):

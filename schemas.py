@@ -126,6 +126,12 @@ VIDEO_FIELDS: dict[str, Param] = {
     "num_inference_steps": Param(int, "Denoising steps (40 is the official I2V setting).", default=40,
                                  minimum=1, maximum=100),
     "flow_shift": Param(float, "Flow-matching schedule shift (3.0 for 480P).", default=3.0, minimum=0.5, maximum=20),
+    "step_cache": Param(str, "Opt-in step caching that reuses transformer work across steps (faster; its quality "
+                             "is unmeasured without real weights).", default="off",
+                        choices=("off", "first_block", "taylorseer")),
+    "step_cache_threshold": Param(float, "first_block: how different the first block's output may be before the "
+                                         "rest is recomputed; higher is faster.", default=0.05,
+                                  minimum=0, maximum=1, exclusive_minimum=True),
     "seed": SEED,
     "height": Param(int, "Video height; when height and width are absent they follow the image's aspect ratio "
                          "inside 480x832.", minimum=64, maximum=1280, multiple_of=16),

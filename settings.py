@@ -56,6 +56,13 @@ class Settings:
     fetch_timeout_s: float = 15.0
     # GPU memory (GiB) kept free for activations when deciding whether SDXL and Wan fit together.
     gpu_headroom_gib: float = 16.0
+    # Speed and memory levers (README "Speed and memory"); each is switchable.
+    memory_profile: str = "auto"  # auto | full | offload | lowvram
+    gpu_memory_gib: float | None = None  # overrides the card's size for the automatic choice
+    wan_fp8: bool = False  # torchao float8 weights+activations for the transformer's block linears
+    wan_compile: bool = False  # regional torch.compile of the Wan transformer blocks, warmed up at start
+    sdxl_compile: bool = False  # regional torch.compile of the SDXL UNets' transformer blocks
+    attention_backend: str = "auto"  # diffusers attention backend; auto picks by what is importable
     # runpod's own logger defaults to DEBUG, which prints whole job inputs (megabytes of base64).
     runpod_log_level: str = "INFO"
     # Set by RunPod on its workers; without it the worker runs locally (test_input / local API).
@@ -144,12 +151,25 @@ def _model_location(env: Mapping[str, str], var: str, folder: str, hub_id: str) 
     return str(baked) if (baked / "model_index.json").exists() or (baked / "config.json").exists() else hub_id
 
 
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{name} must be 1 or 0, got {raw!r}.")
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Read the worker's configuration from an environment mapping."""
     preload = tuple(p.strip() for p in env.get("PRELOAD_MODELS", "").split(",") if p.strip())
     for name in preload:
         if name not in ("sdxl", "wan"):
             raise SettingsError(f"PRELOAD_MODELS may list 'sdxl' and 'wan', got {name!r}.")
+    profile = env.get("MEMORY_PROFILE", "").strip() or "auto"
+    if profile not in ("auto", "full", "offload", "lowvram"):
+        raise SettingsError(f"MEMORY_PROFILE must be auto, full, offload or lowvram, got {profile!r}.")
+    gpu_memory = _float(env, "GPU_MEMORY_GIB", 0.0) or None
     return Settings(
         sdxl_model_id=_model_location(env, "SDXL_MODEL_ID", "sdxl-base", DEFAULT_SDXL_MODEL_ID),
         sdxl_refiner_id=_model_location(env, "SDXL_REFINER_ID", "sdxl-refiner", DEFAULT_SDXL_REFINER_ID),
@@ -163,6 +183,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         max_input_image_pixels=_int(env, "MAX_INPUT_IMAGE_PIXELS", Settings.max_input_image_pixels),
         fetch_timeout_s=_float(env, "FETCH_TIMEOUT_S", Settings.fetch_timeout_s),
         gpu_headroom_gib=_float(env, "GPU_HEADROOM_GIB", Settings.gpu_headroom_gib),
+        memory_profile=profile,
+        gpu_memory_gib=gpu_memory,
+        wan_fp8=_flag(env, "WAN_FP8"),
+        wan_compile=_flag(env, "WAN_COMPILE"),
+        sdxl_compile=_flag(env, "SDXL_COMPILE"),
+        attention_backend=env.get("ATTENTION_BACKEND", "").strip() or "auto",
         runpod_log_level=env.get("RUNPOD_LOG_LEVEL") or env.get("RUNPOD_DEBUG_LEVEL") or "INFO",
         on_runpod=bool(env.get("RUNPOD_WEBHOOK_GET_JOB")),
         local_output_dir=env.get("LOCAL_OUTPUT_DIR") or "outputs",

@@ -211,14 +211,21 @@ def test_importing_the_worker_loads_no_model(tiny_settings):
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-@pytest.mark.parametrize(("gpu_gib", "keep_both", "wan_offload"), [
-    (80, True, False),   # H100: Wan (44) + SDXL (10.7) + headroom (16) fit
-    (48, False, True),   # L40S: Wan needs model offload, SDXL parked while video runs
-    (64, False, False),  # Wan fits alone, SDXL parked
+@pytest.mark.parametrize(("gpu_gib", "fp8", "keep_both", "profile"), [
+    (80, False, True, "full"),      # H100: Wan (44) + SDXL (10.7) + headroom (16) fit
+    (64, False, False, "full"),     # Wan fits alone; SDXL is parked while video runs
+    (48, False, False, "offload"),  # L40S / A6000: diffusers model CPU offload
+    (48, True, False, "full"),      # ... or float8 weights (29 GiB) resident
+    (24, False, False, "lowvram"),  # RTX 4090: group offload with CUDA streams
+    (24, True, False, "offload"),
 ])
-def test_placement_by_gpu_memory(gpu_gib, keep_both, wan_offload):
-    placement = plan_placement(gpu_gib, headroom_gib=16)
-    assert (placement.keep_both, placement.wan_offload) == (keep_both, wan_offload)
+def test_placement_by_gpu_memory(gpu_gib, fp8, keep_both, profile):
+    placement = plan_placement(gpu_gib, headroom_gib=16, fp8=fp8)
+    assert (placement.keep_both, placement.wan_profile) == (keep_both, profile)
+
+
+def test_memory_profile_can_be_forced():
+    assert plan_placement(80, headroom_gib=16, profile="lowvram").wan_profile == "lowvram"
 
 
 def test_cpu_runs_everything_in_float32(run_job):
@@ -227,3 +234,27 @@ def test_cpu_runs_everything_in_float32(run_job):
     run_job({**IMAGE, "num_inference_steps": 2})
     assert models.device.type == "cpu"
     assert {models.wan.transformer.dtype, models.wan.text_encoder.dtype, models.base.unet.dtype} == {torch.float32}
+
+
+def _count_last_block_calls(models: ModelHandler):
+    calls = []
+    # A leaf inside the block: a cache hook may answer for the block (or its attention) without running it.
+    handle = models.wan.transformer.blocks[-1].attn1.to_q.register_forward_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("kind", ["first_block", "taylorseer"])
+def test_step_cache_skips_transformer_work_and_is_gone_after_the_job(run_job, kind):
+    job = {**VIDEO, "image_url": png_b64(seed=9), "num_inference_steps": 8}
+    plain = run_job(job)
+    models = worker._state()[1]
+    calls, handle = _count_last_block_calls(models)
+    cached = run_job({**job, "step_cache": kind, "step_cache_threshold": 0.9})
+    cached_calls = len(calls)
+    calls.clear()
+    after = run_job(job)
+    handle.remove()
+    assert "error" not in cached, cached
+    assert cached_calls < len(calls) == 16  # 8 steps x (cond + uncond) without the cache
+    decode = [probe_mp4(decode_data_uri(r["video"], "video/mp4"))["pixels"] for r in (plain, after)]
+    assert np.array_equal(decode[0], decode[1])  # no cache state leaks into the next job
