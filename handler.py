@@ -203,9 +203,13 @@ def main() -> None:
     RunPodLogger().set_level(settings.runpod_log_level)
     models = configure(settings)
     log.info("worker settings: %s", settings)
-    for name in settings.preload:
+    # With compilation on, Wan loads and compiles at start-up so that no user job pays for it.
+    preload = set(settings.preload) | ({"wan"} if settings.wan_compile else set())
+    for name in sorted(preload):
         try:
             models.load_sdxl() if name == "sdxl" else models.load_wan()
+            if name == "wan" and settings.wan_compile:
+                models.warm_up()
         except GenerationError as err:  # keep serving: each job will report the same clear error
             log.error("preload of %s failed: %s", name, err)
     local_test = "--rp_serve_api" not in sys.argv and not settings.on_runpod

@@ -235,6 +235,18 @@ class ModelHandler:
             self.wan.to(self.device)
         return seconds
 
+    def warm_up(self, height: int = 480, width: int = 832, num_frames: int = 81) -> float:
+        """Run a 2-step video at the default shape so compilation happens before the first user job."""
+        from schemas import VIDEO_FIELDS
+
+        start = time.perf_counter()
+        p = {name: param.default for name, param in VIDEO_FIELDS.items()}
+        p.update(prompt="warm-up", seed=0, height=height, width=width, num_frames=num_frames, num_inference_steps=2)
+        self.generate_video(p, Image.new("RGB", (width, height)), lambda *_: None)
+        seconds = time.perf_counter() - start
+        log.info("Wan warm-up at %dx%d, %d frames took %.1f s", width, height, num_frames, seconds)
+        return seconds
+
     # ------------------------------------------------------------------- jobs
     def generate_images(self, p: dict[str, Any], init_image: Image.Image | None,
                         progress: Progress) -> tuple[list[Image.Image], dict[str, float]]:
