@@ -22,6 +22,7 @@ from typing import Any
 import runpod
 from runpod.serverless.modules.rp_logger import RunPodLogger
 
+from loras import job_loras
 from model_handler import GenerationError, ModelHandler, free_memory
 from schemas import VIDEO_MAX_AREA, InputError, validate_input
 from settings import Settings, SettingsError, load_settings
@@ -36,9 +37,11 @@ _models: ModelHandler | None = None
 def configure(settings: Settings) -> ModelHandler:
     """Use these settings from now on; keeps already loaded models unless their locations changed."""
     global _settings, _models
-    model_fields = ("sdxl_model_id", "sdxl_refiner_id", "sdxl_vae_id", "wan_model_id", "gpu_headroom_gib")
+    model_fields = ("sdxl_model_id", "sdxl_refiner_id", "sdxl_vae_id", "wan_model_id", "gpu_headroom_gib",
+                    "memory_profile", "gpu_memory_gib", "wan_fp8", "wan_compile", "sdxl_compile", "attention_backend")
     if _models is None or any(getattr(_models.settings, f) != getattr(settings, f) for f in model_fields):
         _models = ModelHandler(settings)
+    _models.settings = settings  # options read per job (LoRA cache, fusing) follow the new settings
     _settings = settings
     return _models
 
@@ -87,6 +90,7 @@ def _load_input_image(p: dict[str, Any], settings: Settings):
 
 
 def _image_job(job: dict[str, Any], p: dict[str, Any], settings: Settings, models: ModelHandler) -> dict[str, Any]:
+    job_loras(p, settings)  # refuse malformed LoRA paths before any work
     pixels = p["num_images"] * p["height"] * p["width"]
     if pixels > settings.max_image_pixels:
         raise InputError(f"Fields num_images x height x width ask for {pixels:,} pixels; this worker allows at "
@@ -114,6 +118,7 @@ def video_tokens(num_frames: int, height: int, width: int) -> int:
 
 
 def _video_job(job: dict[str, Any], p: dict[str, Any], settings: Settings, models: ModelHandler) -> dict[str, Any]:
+    job_loras(p, settings)  # refuse malformed LoRA paths (and preset "fast" without a LoRA) before any work
     if p["height"] is not None:
         _check_video_budget(p, settings)  # before fetching anything
     image = _load_input_image(p, settings)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from loras import LoraCache, LoraSpec, PipelineLoras, job_loras, lora_disabled
 from settings import Settings
 
 log = logging.getLogger("worker")
@@ -122,6 +123,7 @@ class ModelHandler:
         self.settings = settings
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.base = self.refiner = self.wan = None
+        self._loras: dict[str, PipelineLoras] = {}  # "sdxl" / "wan": adapters loaded into that pipeline
         if self.device.type == "cuda":
             total = settings.gpu_memory_gib or torch.cuda.get_device_properties(self.device).total_memory / GIB
             self.placement = plan_placement(total, settings.gpu_headroom_gib, settings.memory_profile, settings.wan_fp8)
@@ -138,9 +140,9 @@ class ModelHandler:
         """Load SDXL base + refiner (sharing VAE and the big text encoder); returns seconds spent."""
         if self.base is not None:
             return 0.0
+        start = time.perf_counter()  # before the imports: a cold start pays for them too
         from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-        start = time.perf_counter()
         s, dtype = self.settings, self._dtype(torch.float16)
         with _missing_weights("SDXL_VAE_ID", s.sdxl_vae_id, "sdxl"):
             vae = AutoencoderKL.from_pretrained(s.sdxl_vae_id, dtype=dtype, local_files_only=True)
@@ -166,10 +168,10 @@ class ModelHandler:
         """Load the Wan2.1 I2V pipeline in model-card dtypes; returns seconds spent."""
         if self.wan is not None:
             return 0.0
+        start = time.perf_counter()  # before the imports: a cold start pays for them too
         from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
         from transformers import CLIPVisionModel
 
-        start = time.perf_counter()
         model_id = self.settings.wan_model_id
         with _missing_weights("WAN_MODEL_ID", model_id, "wan"):
             image_encoder = CLIPVisionModel.from_pretrained(model_id, subfolder="image_encoder",
@@ -247,11 +249,30 @@ class ModelHandler:
         log.info("Wan warm-up at %dx%d, %d frames took %.1f s", width, height, num_frames, seconds)
         return seconds
 
+    # ------------------------------------------------------------------ LoRAs
+    def _use_loras(self, family: str, specs: list[LoraSpec]) -> float:
+        """Make exactly the job's LoRAs active in SDXL base or Wan (none: all off); returns seconds spent."""
+        if not specs and family not in self._loras:
+            return 0.0  # no LoRA ever loaded here: nothing to switch off
+        start = time.perf_counter()
+        if family not in self._loras:
+            self._loras[family] = (PipelineLoras(self.base, "unet", "the SDXL base model") if family == "sdxl" else
+                                   PipelineLoras(self.wan, "transformer", "the Wan2.1 I2V transformer"))
+        s = self.settings
+        cache = LoraCache(s.lora_cache_dir, s.lora_cache_bytes)
+        # Group offload keeps its own copies of the weights, so fused weights would not stay fused.
+        fuse = s.lora_fuse and not (family == "wan" and self.placement.wan_profile == "lowvram")
+        self._loras[family].apply(
+            specs, lambda spec: cache.fetch(spec, max_bytes=s.lora_max_bytes, timeout_s=s.lora_fetch_timeout_s), fuse)
+        return time.perf_counter() - start
+
     # ------------------------------------------------------------------- jobs
     def generate_images(self, p: dict[str, Any], init_image: Image.Image | None,
                         progress: Progress) -> tuple[list[Image.Image], dict[str, float]]:
         """SDXL base + refiner as an ensemble of experts, or refiner img2img when an image is given."""
         load_s = self._prepare("image")
+        loras = job_loras(p, self.settings)
+        lora_s = self._use_loras("sdxl", loras)
         self.base.scheduler = make_scheduler(p["scheduler"], self.base.scheduler.config)
         self.refiner.scheduler = make_scheduler(p["scheduler"], self.refiner.scheduler.config)
         generator = torch.Generator("cpu").manual_seed(p["seed"])
@@ -262,10 +283,11 @@ class ModelHandler:
                            "fewer images or a smaller size"):
             if init_image is not None:
                 total = int(p["refiner_inference_steps"] * p["strength"])
-                images = self.refiner(image=init_image, strength=p["strength"],
-                                      num_inference_steps=p["refiner_inference_steps"],
-                                      callback_on_step_end=_step_callback(progress, "refine", 0, total),
-                                      **common).images
+                with lora_disabled(self.refiner.text_encoder_2):  # shared with the base; LoRAs are base-only
+                    images = self.refiner(image=init_image, strength=p["strength"],
+                                          num_inference_steps=p["refiner_inference_steps"],
+                                          callback_on_step_end=_step_callback(progress, "refine", 0, total),
+                                          **common).images
             else:
                 base_steps = int(p["num_inference_steps"] * p["high_noise_frac"])
                 refiner_steps = p["refiner_inference_steps"] - int(p["refiner_inference_steps"] * p["high_noise_frac"])
@@ -274,11 +296,13 @@ class ModelHandler:
                                     denoising_end=p["high_noise_frac"], output_type="latent",
                                     callback_on_step_end=_step_callback(progress, "base", 0, total),
                                     **common).images
-                images = self.refiner(image=latents, num_inference_steps=p["refiner_inference_steps"],
-                                      denoising_start=p["high_noise_frac"],
-                                      callback_on_step_end=_step_callback(progress, "refine", base_steps, total),
-                                      **common).images
-        return images, {"load_s": load_s, "inference_s": time.perf_counter() - start}
+                with lora_disabled(self.refiner.text_encoder_2):
+                    images = self.refiner(image=latents, num_inference_steps=p["refiner_inference_steps"],
+                                          denoising_start=p["high_noise_frac"],
+                                          callback_on_step_end=_step_callback(progress, "refine", base_steps, total),
+                                          **common).images
+        timings = {"load_s": load_s, "inference_s": time.perf_counter() - start}
+        return images, timings | ({"lora_s": lora_s} if loras else {})
 
     def generate_video(self, p: dict[str, Any], image: Image.Image,
                        progress: Progress) -> tuple[np.ndarray, dict[str, float]]:
@@ -286,6 +310,8 @@ class ModelHandler:
         from diffusers import UniPCMultistepScheduler
 
         load_s = self._prepare("video")
+        loras = job_loras(p, self.settings)  # with preset "fast", its step-distilled LoRA first
+        lora_s = self._use_loras("wan", loras)
         self.wan.scheduler = UniPCMultistepScheduler.from_config(self.wan.scheduler.config, flow_shift=p["flow_shift"])
         generator = torch.Generator("cpu").manual_seed(p["seed"])
         start = time.perf_counter()
@@ -297,7 +323,8 @@ class ModelHandler:
                 guidance_scale=p["guidance_scale"], generator=generator, output_type="np",
                 callback_on_step_end=_step_callback(progress, "denoise", 0, p["num_inference_steps"]),
             ).frames[0]
-        return frames, {"load_s": load_s, "inference_s": time.perf_counter() - start}
+        timings = {"load_s": load_s, "inference_s": time.perf_counter() - start}
+        return frames, timings | ({"lora_s": lora_s} if loras else {})
 
 
 @contextmanager
