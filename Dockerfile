@@ -29,7 +29,7 @@ ENV HF_HOME=/runpod-volume/huggingface-cache \
     MODEL_DIR=/models
 
 WORKDIR /app
-COPY handler.py model_handler.py schemas.py settings.py storage.py video_utils.py download_weights.py \
+COPY handler.py model_handler.py schemas.py settings.py storage.py video_utils.py loras.py download_weights.py \
      test_input.json ./
 
 # Optional: bake weights into the image ("sdxl", "wan" or "all"); the worker finds them in

@@ -32,6 +32,14 @@ MAX_SEED = 2**32 - 1
 # A 20 MB image as base64 is ~27 M characters; anything longer is refused before decoding.
 MAX_IMAGE_URL_CHARS = 28_000_000
 MAX_PROMPT_CHARS = 2_000
+MAX_LORAS = 4  # LoRAs per request (the video preset "fast" may add its own on top)
+LORA_SCALE_LIMIT = 4.0
+# Video presets: the defaults they change. Fields the request gives explicitly always win.
+# "fast" follows lightx2v's Wan2.1-I2V-14B-480P StepDistill-CfgDistill recipe: 4 steps, no CFG, shift 5.
+VIDEO_PRESETS: dict[str, dict[str, Any]] = {
+    "quality": {},
+    "fast": {"num_inference_steps": 4, "guidance_scale": 1.0, "flow_shift": 5.0},
+}
 
 
 class InputError(ValueError):
@@ -54,11 +62,18 @@ class Param:
     remainder: int = 0  # with multiple_of: value % multiple_of == remainder (4k+1 frames)
     choices: tuple | None = None
     max_length: int | None = None
+    items: dict[str, Param] | None = None  # with type list: each entry is an object with these fields
+    max_items: int | None = None
 
     def allowed(self) -> str:
         """What values are allowed, as words; used in errors and in the README tables."""
         if self.choices:
             return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.type is list:
+            keys = [f"{key} ({sub.allowed()}" + (", required)" if sub.required else
+                                                 ")" if sub.default is None else f", default {_num(sub.default)})")
+                    for key, sub in self.items.items()]
+            return f"a list of at most {self.max_items} objects: " + "; ".join(keys)
         words = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[self.type]
         parts = [words]
         if self.minimum is not None and self.maximum is not None:
@@ -86,6 +101,16 @@ SEED = Param(int, "Random seed; the same seed and inputs give the same output. R
              minimum=0, maximum=MAX_SEED)
 OUTPUT = Param(str, "Where results go: 'auto' uploads to the bucket when one is configured, else inline base64.",
                default="auto", choices=("auto", "base64", "s3"))
+LORA_FIELDS: dict[str, Param] = {
+    "path": Param(str, "An http(s) URL of a .safetensors file, a Hugging Face repo id ('owner/name', optionally "
+                       "followed by '/file.safetensors'), or an absolute path under the model cache or /runpod-volume.",
+                  required=True, max_length=2_048),
+    "scale": Param(float, "Strength of the LoRA.", default=1.0, minimum=-LORA_SCALE_LIMIT, maximum=LORA_SCALE_LIMIT),
+    "weight_name": Param(str, "File inside a hub repo given as 'owner/name'; pytorch_lora_weights.safetensors "
+                              "when absent.", max_length=512),
+}
+LORAS = Param(list, "LoRA adapters applied to this job only (see 'LoRAs' below); each entry is "
+                    "{\"path\": ..., \"scale\": 1.0}.", items=LORA_FIELDS, max_items=MAX_LORAS)
 
 IMAGE_FIELDS: dict[str, Param] = {
     "mode": MODE,
@@ -108,6 +133,7 @@ IMAGE_FIELDS: dict[str, Param] = {
     "num_images": Param(int, "Images per request.", default=1, minimum=1, maximum=4),
     "high_noise_frac": Param(float, "Fraction of the schedule run by the base model before the refiner takes over.",
                              default=0.8, minimum=0, maximum=1, exclusive_minimum=True, exclusive_maximum=True),
+    "loras": LORAS,
     "output": OUTPUT,
 }
 
@@ -137,6 +163,10 @@ VIDEO_FIELDS: dict[str, Param] = {
                          "inside 480x832.", minimum=64, maximum=1280, multiple_of=16),
     "width": Param(int, "Video width; give both height and width or neither.", minimum=64, maximum=1280,
                    multiple_of=16),
+    "preset": Param(str, "'quality' uses the defaults above; 'fast' adds a step-distilled LoRA (WAN_FAST_LORA, or "
+                         "the request's loras) and defaults to 4 steps, guidance_scale 1.0 and flow_shift 5.0; "
+                         "fields given explicitly still win.", default="quality", choices=tuple(VIDEO_PRESETS)),
+    "loras": LORAS,
     "output": OUTPUT,
 }
 
@@ -168,6 +198,10 @@ def _coerce(name: str, param: Param, value: Any) -> Any:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise bad()
         value = float(value)
+    elif param.type is list:
+        if not isinstance(value, list):
+            raise bad()
+        return _coerce_items(name, param, value)
     elif not isinstance(value, param.type):
         raise bad()
 
@@ -182,6 +216,32 @@ def _coerce(name: str, param: Param, value: Any) -> Any:
     if param.multiple_of and value % param.multiple_of != param.remainder:
         raise bad()
     return value
+
+
+def _coerce_items(name: str, param: Param, value: list) -> list[dict[str, Any]]:
+    """A list of objects: its length, then each entry's fields, named like 'loras[1].scale' in errors."""
+    if len(value) > param.max_items:
+        raise InputError(f"Field '{name}' holds {len(value)} entries; at most {param.max_items} are allowed.")
+    entries = []
+    for i, item in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(item, dict):
+            raise InputError(f"Field '{where}' must be an object with {', '.join(param.items)}, got {_kind(item)} "
+                             f"{shorten(item)}.")
+        unknown = sorted(str(k) for k in item if k not in param.items)
+        if unknown:
+            raise InputError(f"Field '{where}' has the unknown key {shorten(unknown[0])}; allowed keys are: "
+                             f"{', '.join(param.items)}.")
+        entry = {}
+        for key, sub in param.items.items():
+            if item.get(key) is None:
+                if sub.required:
+                    raise InputError(f"Field '{where}.{key}' is required and must be {sub.allowed()}.")
+                entry[key] = sub.default
+            else:
+                entry[key] = _coerce(f"{where}.{key}", sub, item[key])
+        entries.append(entry)
+    return entries
 
 
 def validate_input(raw: Any) -> dict[str, Any]:
@@ -206,9 +266,13 @@ def validate_input(raw: Any) -> dict[str, Any]:
         if value is None:
             if param.required:
                 raise InputError(f"Field '{name}' is required in mode '{mode}' and must be {param.allowed()}.")
-            params[name] = param.default
+            params[name] = [] if param.type is list else param.default
         else:
             params[name] = _coerce(name, param, value)
+    # A preset changes defaults only: a field the request gives keeps its value.
+    for name, value in VIDEO_PRESETS.get(params.get("preset"), {}).items():
+        if raw.get(name) is None:
+            params[name] = value
     _check_combinations(mode, params)
     if params["seed"] is None:
         params["seed"] = secrets.randbelow(MAX_SEED + 1)
@@ -227,6 +291,9 @@ def _check_combinations(mode: str, p: dict[str, Any]) -> None:
         return
     if not p["prompt"] and not p["image_url"]:
         raise InputError("Field 'prompt' is required in mode 'image' unless image_url is given.")
+    if p["image_url"] and p["loras"]:
+        raise InputError("Field 'loras' applies to the SDXL base model, which does not run when image_url is given "
+                         "(img2img runs only the refiner); send loras without image_url, or image_url without loras.")
     if p["image_url"]:
         if int(p["refiner_inference_steps"] * p["strength"]) < 1:
             raise InputError(f"Field 'strength' is {_num(p['strength'])}, which with refiner_inference_steps="

@@ -8,6 +8,7 @@ a bucket half configured) raises `SettingsError` there, before any job is taken.
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,14 @@ class Settings:
     # Set by RunPod on its workers; without it the worker runs locally (test_input / local API).
     on_runpod: bool = False
     local_output_dir: str = "outputs"  # where local test runs write their media
+    # LoRAs (loras.py): downloads are cached on disk by source; least recently used files are evicted.
+    lora_cache_dir: str = str(Path(tempfile.gettempdir()) / "lora-cache")
+    lora_cache_bytes: int = 20 * 1024**3
+    lora_max_bytes: int = 4 * 1024**3  # largest single LoRA download
+    lora_fetch_timeout_s: float = 600.0
+    lora_fuse: bool = False  # fuse LoRAs into the denoiser's weights (originals kept in CPU memory)
+    lora_roots: tuple[str, ...] = ()  # folders a local LoRA path may point into
+    wan_fast_lora: str | None = None  # the step-distilled LoRA of the video preset "fast"
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -160,6 +169,36 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     raise SettingsError(f"{name} must be 1 or 0, got {raw!r}.")
 
 
+def _gib(env: Mapping[str, str], name: str, default: int) -> int:
+    """A size given in GB (decimals allowed), as bytes."""
+    value = _float(env, name, default / 1024**3)
+    if not value > 0:
+        raise SettingsError(f"{name} must be a positive number of GB, got {env.get(name)!r}.")
+    return int(value * 1024**3)
+
+
+def _lora_settings(env: Mapping[str, str]) -> dict:
+    """Where LoRA files may come from and where downloads are cached."""
+    from loras import parse_source  # import here: loras imports schemas, not settings
+    from schemas import InputError
+
+    volume = Path("/runpod-volume")
+    default_cache = str(volume / "lora-cache") if volume.is_dir() else Settings.lora_cache_dir
+    cache_dir = env.get("LORA_CACHE_DIR") or default_cache
+    hf_home = env.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
+    roots = tuple(dict.fromkeys([env.get("MODEL_DIR") or "/models", str(volume), hf_home, cache_dir]))
+    fast = env.get("WAN_FAST_LORA", "").strip() or None
+    if fast:
+        try:
+            parse_source(fast, "WAN_FAST_LORA", roots)
+        except InputError as err:
+            raise SettingsError(str(err)) from None
+    return dict(lora_cache_dir=cache_dir, lora_cache_bytes=_gib(env, "LORA_CACHE_GB", Settings.lora_cache_bytes),
+                lora_max_bytes=_gib(env, "LORA_MAX_GB", Settings.lora_max_bytes),
+                lora_fetch_timeout_s=_float(env, "LORA_FETCH_TIMEOUT_S", Settings.lora_fetch_timeout_s),
+                lora_fuse=_flag(env, "LORA_FUSE"), lora_roots=roots, wan_fast_lora=fast)
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Read the worker's configuration from an environment mapping."""
     preload = tuple(p.strip() for p in env.get("PRELOAD_MODELS", "").split(",") if p.strip())
@@ -192,4 +231,5 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         runpod_log_level=env.get("RUNPOD_LOG_LEVEL") or env.get("RUNPOD_DEBUG_LEVEL") or "INFO",
         on_runpod=bool(env.get("RUNPOD_WEBHOOK_GET_JOB")),
         local_output_dir=env.get("LOCAL_OUTPUT_DIR") or "outputs",
+        **_lora_settings(env),
     )

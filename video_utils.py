@@ -2,9 +2,10 @@
 
 Input images come from untrusted requests as an http(s) URL, a data URI or bare base64.
 URLs are fetched through runpod's SSRF-safe `safe_get` (public addresses only, re-checked on
-every redirect, pinned against DNS rebinding) with a deadline and a byte cap enforced while
-streaming; decoding is limited to common raster formats and a pixel budget checked from the
-header before any pixel is decoded. Every refusal is an `InputError` naming the field.
+every redirect, pinned against DNS rebinding) under a hard overall deadline and a byte cap
+enforced while streaming; decoding is limited to common raster formats and a pixel budget
+checked from the header before any pixel is decoded. Every refusal is an `InputError` whose
+one sentence names the field, what was received (cut short) and what is allowed.
 """
 
 from __future__ import annotations
@@ -14,23 +15,29 @@ import binascii
 import io
 import math
 import os
+import queue
 import re
 import tempfile
-import time
+import threading
 import warnings
+from urllib.parse import urlparse
 
 import imageio_ffmpeg
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from schemas import InputError, shorten
 
 # Formats PIL may decode. Leaves out EPS/PS (PIL hands those to Ghostscript) and exotic codecs.
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+FORMAT_WORDS = "PNG, JPEG, WebP, GIF, BMP or TIFF image"
+MAX_URL_CHARS = 16_384  # pre-signed S3 URLs are 1-2k characters; anything longer is not an address
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _CHUNK = 64 * 1024
 # Something a user meant as a file path ("/etc/passwd", "./cat.png", "~/a.jpg", "C:\\x.png").
 _PATH = re.compile(r"^(~|\.{1,2}|[A-Za-z]:)?[/\\][\w.\-/\\ ]*$")
+_WHITESPACE = re.compile(r"\s+")
+_SOURCES = "an http(s) URL, a data URI or base64 image data"
 
 
 def load_image_input(value: str, field: str, *, max_bytes: int, max_pixels: int, timeout_s: float) -> Image.Image:
@@ -39,104 +46,189 @@ def load_image_input(value: str, field: str, *, max_bytes: int, max_pixels: int,
     scheme = _SCHEME.match(text)
     kind = scheme.group(1).lower() if scheme else None
     if kind in ("http", "https"):
+        if len(text) > MAX_URL_CHARS:
+            raise InputError(f"Field '{field}' must be a URL of at most {MAX_URL_CHARS:,} characters, got "
+                             f"{shorten(text)}.")
         data = fetch_url(text, field, max_bytes=max_bytes, timeout_s=timeout_s)
     elif kind == "data":
         header, _, payload = text.partition(",")
         if not header.lower().endswith(";base64"):
-            raise InputError(f"Field '{field}' is a data URI that is not base64-encoded ({shorten(header)}); "
+            raise InputError(f"Field '{field}' is a data URI that is not base64-encoded, {shorten(header)}; "
                              f"send data:image/...;base64,<data>.")
         data = _b64decode(payload, field, max_bytes)
-    elif kind is None:
-        data = _b64decode(text, field, max_bytes)
-        if _PATH.match(text) and not _looks_like_image(data):
-            raise InputError(f"Field '{field}' must be an http(s) URL, a data URI or base64 image data, got "
-                             f"{shorten(value)}; local file paths are not accepted.")
+        if data is None:
+            raise InputError(f"Field '{field}' is a data URI whose data is not valid base64, {shorten(text)}; "
+                             f"send data:image/...;base64,<data>.")
+    elif kind is None or len(kind) == 1:  # bare base64, or a path (a one-letter "scheme" is a drive: C:\x.png)
+        # Base64 never holds a space (words would otherwise decode to garbage bytes).
+        data = None if " " in text else _b64decode(text, field, max_bytes)
+        if _PATH.match(text) and (data is None or not _looks_like_image(data)):
+            raise InputError(f"Field '{field}' must be {_SOURCES}, got {shorten(value)}; local file paths are "
+                             f"not accepted.")
+        if data is None:
+            raise InputError(f"Field '{field}' must be {_SOURCES}, got {shorten(value)}, which is none of these.")
     else:
-        raise InputError(f"Field '{field}' must be an http(s) URL, a data URI or base64 image data, got "
-                         f"{shorten(value)}; other URL schemes are not accepted.")
+        raise InputError(f"Field '{field}' must be {_SOURCES}, got {shorten(value)}; '{kind[:20]}:' URLs are "
+                         f"not accepted.")
     return decode_image(data, field, max_pixels=max_pixels)
 
 
 def _looks_like_image(data: bytes) -> bool:
     try:
-        Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
         return True
+    except Image.DecompressionBombError:
+        return True  # an image header, of too many pixels: decode_image says so
     except Exception:  # noqa: BLE001 - any failure means "not an image header"
         return False
 
 
-def _b64decode(payload: str, field: str, max_bytes: int) -> bytes:
-    compact = re.sub(r"\s+", "", payload)
-    if len(compact) * 3 // 4 > max_bytes:
-        raise InputError(f"Field '{field}' carries {len(compact) * 3 // 4:,} bytes of base64 data; "
-                         f"at most {max_bytes:,} bytes are accepted.")
+def _b64decode(payload: str, field: str, max_bytes: int) -> bytes | None:
+    """Base64 text -> bytes, refusing more than max_bytes before decoding; None when it is not base64."""
+    compact = _WHITESPACE.sub("", payload)
+    size = len(compact) * 3 // 4
+    if size > max_bytes:
+        raise InputError(f"Field '{field}' carries {size:,} bytes of base64 data, {shorten(compact, 40)}; at most "
+                         f"{max_bytes:,} bytes are accepted (MAX_INPUT_IMAGE_BYTES).")
     try:
         return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise InputError(f"Field '{field}' must be an http(s) URL, a data URI or base64 image data, got "
-                         f"{shorten(payload)}; local file paths are not accepted.") from None
+        return None
 
 
 def fetch_url(url: str, field: str, *, max_bytes: int, timeout_s: float) -> bytes:
-    """Download a user-supplied URL with SSRF protection, a deadline and a streaming byte cap."""
+    """Download a user-supplied URL with SSRF protection, a hard deadline and a streaming byte cap.
+
+    The download runs in a daemon thread so that the deadline holds whatever the server does
+    (sleeps, trickles headers or body a byte at a time, redirects slowly): at the deadline the
+    job is answered and the thread stops at its next read, which the socket timeout bounds.
+    """
+    timeout_s = max(timeout_s, 0.01)
+    outcome: queue.SimpleQueue = queue.SimpleQueue()
+    cancelled = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome.put(_download(url, field, max_bytes, timeout_s, cancelled))
+        except InputError as err:
+            outcome.put(err)
+        except Exception as err:  # noqa: BLE001 - odd URLs (bad port, IDNA, ...) become a refusal, not a crash
+            outcome.put(InputError(f"Field '{field}' points to {shorten(url, 100)}, which cannot be fetched "
+                                   f"({type(err).__name__}); send a reachable public http(s) URL."))
+
+    threading.Thread(target=run, name="fetch-image-url", daemon=True).start()
+    try:
+        result = outcome.get(timeout=timeout_s)
+    except queue.Empty:
+        cancelled.set()
+        raise InputError(_too_slow(field, url, timeout_s)) from None
+    if isinstance(result, InputError):
+        raise InputError(str(result)) from None
+    return result
+
+
+def _too_slow(field: str, url: str, timeout_s: float) -> str:
+    return (f"Field '{field}' points to {shorten(url, 100)}, which did not finish downloading within "
+            f"{timeout_s:g} s; images must download within FETCH_TIMEOUT_S={timeout_s:g} s or be sent as base64.")
+
+
+def _download(url: str, field: str, max_bytes: int, timeout_s: float, cancelled: threading.Event) -> bytes:
     import requests
+    import urllib3
     from runpod.serverless.utils.rp_ssrf import SSRFError, safe_get
 
     shown = shorten(url, 100)
-    deadline = time.monotonic() + timeout_s
     try:
         response = safe_get(url, stream=True, timeout=(min(timeout_s, 10.0), timeout_s), max_bytes=max_bytes)
     except SSRFError as err:
-        message = str(err)
-        if "size cap" in message:
-            raise InputError(f"Field '{field}' points to a file over {max_bytes:,} bytes ({shown}).") from None
-        raise InputError(f"Field '{field}' cannot be fetched: {message.split(': http')[0]}; only public http(s) "
-                         f"addresses are allowed ({shown}).") from None
+        raise InputError(_refusal(str(err), url, field, max_bytes)) from None
     except requests.Timeout:
-        raise InputError(f"Field '{field}' did not answer within {timeout_s:g} s ({shown}).") from None
+        raise InputError(_too_slow(field, url, timeout_s)) from None
     except requests.RequestException as err:
-        raise InputError(f"Field '{field}' could not be fetched ({type(err).__name__}) from {shown}.") from None
+        raise InputError(f"Field '{field}' points to {shown}, which cannot be fetched ({type(err).__name__}); "
+                         f"send a reachable public http(s) URL.") from None
     with response:
         if response.status_code != 200:
-            raise InputError(f"Field '{field}' answered HTTP {response.status_code} ({shown}); it must serve the "
-                             f"image with status 200.")
+            raise InputError(f"Field '{field}' points to {shown}, which answered HTTP {response.status_code}; the "
+                             f"image must be served with status 200.")
         body = bytearray()
         try:
-            for chunk in response.iter_content(chunk_size=_CHUNK):
+            while not cancelled.is_set():
+                # read1: at most one socket read per call, so a trickling server cannot keep one
+                # call busy past the deadline; decoded output is capped at _CHUNK (no gzip bomb).
+                chunk = response.raw.read1(_CHUNK, decode_content=True)
+                if not chunk:
+                    break
                 body += chunk
                 if len(body) > max_bytes:
-                    raise InputError(f"Field '{field}' sent more than {max_bytes:,} bytes ({shown}); "
-                                     f"images up to {max_bytes:,} bytes are accepted.")
-                if time.monotonic() > deadline:
-                    raise InputError(f"Field '{field}' took longer than {timeout_s:g} s to download ({shown}).")
-        except requests.RequestException as err:
-            raise InputError(f"Field '{field}' broke off while downloading ({type(err).__name__}) "
-                             f"from {shown}.") from None
+                    raise InputError(f"Field '{field}' points to {shown}, which sent more than {max_bytes:,} "
+                                     f"bytes; at most {max_bytes:,} bytes are accepted (MAX_INPUT_IMAGE_BYTES).")
+        except (urllib3.exceptions.ReadTimeoutError, requests.Timeout):
+            raise InputError(_too_slow(field, url, timeout_s)) from None
+        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as err:
+            raise InputError(f"Field '{field}' points to {shown}, which broke off while sending the image "
+                             f"({type(err).__name__}); send a URL that serves the whole image.") from None
     return bytes(body)
+
+
+def _refusal(message: str, url: str, field: str, max_bytes: int) -> str:
+    """One sentence for an SSRFError of runpod's safe_get (whose own text repeats the whole URL)."""
+    start = f"Field '{field}' points to {shorten(url, 100)}, which"
+    allowed = "only public http(s) addresses are allowed"
+    host = (urlparse(url).hostname or "").lower()
+    if m := re.match(r"host (['\"])(.*)\1 resolves to non-public address (\S+)$", message):
+        verb = "resolves" if m.group(2).lower() == host else f"redirects to {shorten(m.group(2), 40)}, which resolves"
+        return f"{start} {verb} to the non-public address {m.group(3)}; {allowed}."
+    if m := re.match(r"could not resolve host (['\"])(.*)\1", message):
+        what = "host" if m.group(2).lower() == host else f"redirect target {shorten(m.group(2), 40)}"
+        return f"{start} names a {what} that does not resolve; {allowed}."
+    if m := re.match(r"download exceeds size cap: (\d+) > ", message):
+        return (f"{start} announces {int(m.group(1)):,} bytes; at most {max_bytes:,} bytes are accepted "
+                f"(MAX_INPUT_IMAGE_BYTES).")
+    if m := re.match(r"exceeded maximum redirects \((\d+)\)", message):
+        return f"{start} redirects more than {m.group(1)} times; at most {m.group(1)} redirects are followed."
+    if m := re.match(r"blocked URL scheme (['\"])(.*)\1", message):
+        return f"{start} redirects to a {shorten(m.group(2), 20)} URL; {allowed}."
+    if message.startswith("refusing to fetch"):
+        return (f"{start} the worker's HTTP proxy settings would fetch without SSRF protection; unset the proxy "
+                f"for this host or set RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=true.")
+    if message.startswith("URL has no host"):
+        return f"Field '{field}' must be an http(s) URL with a host name, got {shorten(url, 100)}."
+    if message.startswith("redirect without Location"):
+        return f"{start} answered a redirect without a Location header; the image must be served with status 200."
+    return f"{start} cannot be fetched ({shorten(message.split(': http')[0])}); {allowed}."
 
 
 def decode_image(data: bytes, field: str, *, max_pixels: int) -> Image.Image:
     """Decode image bytes to RGB, refusing non-images, truncated files and decompression bombs."""
     if not data:
         raise InputError(f"Field '{field}' holds no data; send a PNG, JPEG or WebP image.")
+    head = "".join(chr(b) if 32 <= b < 127 else "." for b in data[:16])  # printable ASCII only
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # The pixel budget below replaces PIL's warning; PIL's hard limit (2x its default) still raises.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
-            pixels = image.width * image.height
-            if pixels > max_pixels:  # checked from the header, before decoding a single pixel
-                raise InputError(f"Field '{field}' is a {image.width}x{image.height} image ({pixels:,} pixels); "
-                                 f"at most {max_pixels:,} pixels are accepted.")
-            image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except InputError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as err:
-        head = "".join(ch if ch.isprintable() else "." for ch in data[:16].decode("latin-1"))
-        detail = "truncated or corrupt" if isinstance(err, OSError) and "truncat" in str(err) else "unrecognized"
-        raise InputError(f"Field '{field}' is not a decodable image ({detail} data starting {head!r}); "
-                         f"send a PNG, JPEG, WebP, GIF, BMP or TIFF image.") from None
+    except Image.DecompressionBombError as err:
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(pixels.group(1)):,} pixels" if pixels else "too many pixels"
+        raise InputError(f"Field '{field}' is an image of {size}; at most {max_pixels:,} pixels are accepted "
+                         f"(MAX_INPUT_IMAGE_PIXELS).") from None
+    except Exception:  # noqa: BLE001 - PIL plugins raise many types (struct.error, KeyError, ...) on hostile bytes
+        raise InputError(f"Field '{field}' is not a decodable image (unrecognized data starting {head!r}); "
+                         f"send a {FORMAT_WORDS}.") from None
+    pixels = image.width * image.height
+    if pixels > max_pixels:  # checked from the header, before decoding a single pixel
+        raise InputError(f"Field '{field}' is a {image.width}x{image.height} image ({pixels:,} pixels); at most "
+                         f"{max_pixels:,} pixels are accepted (MAX_INPUT_IMAGE_PIXELS).")
+    try:
+        image.load()
+        return ImageOps.exif_transpose(image).convert("RGB")
+    except Exception:  # noqa: BLE001 - as above, for the pixel data (MemoryError included)
+        raise InputError(f"Field '{field}' is not a decodable image (truncated or corrupt data "
+                         f"starting {head!r}); send a {FORMAT_WORDS}.") from None
 
 
 def fit_area(width: int, height: int, area: int, multiple: int) -> tuple[int, int]:

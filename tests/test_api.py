@@ -42,7 +42,7 @@ BAD_INPUTS = [
     ("unknown field", {"prompt": "x", "steps": 3},
      "Field 'steps' is not accepted in mode 'image'; allowed fields are: mode, prompt, negative_prompt, height, "
      "width, seed, scheduler, num_inference_steps, refiner_inference_steps, guidance_scale, strength, image_url, "
-     "num_images, high_noise_frac, output."),
+     "num_images, high_noise_frac, loras, output."),
     ("wrong type", {"prompt": "x", "num_inference_steps": "many"},
      "Field 'num_inference_steps' must be an integer from 1 to 150, got string 'many'."),
     ("wrong type bool", {**V, "num_frames": True},

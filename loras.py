@@ -1,0 +1,514 @@
+"""LoRA adapters for both modes: where a LoRA file comes from, the disk cache, and applying it per job.
+
+A request's `loras` entries name a file by http(s) URL, Hugging Face repo id or local path.
+URLs are downloaded once through runpod's SSRF-safe `safe_get` (deadline, byte cap while
+streaming), checked to be a complete .safetensors file, and kept in a disk cache keyed by
+the sha256 of the URL, least recently used files evicted beyond LORA_CACHE_GB. Hub files
+come through `hf_hub_download` (the Hugging Face cache); local paths must resolve inside
+the model folders, the HF cache or /runpod-volume.
+
+`PipelineLoras` keeps the adapters loaded in one pipeline (PEFT, one adapter per source)
+and makes exactly the job's set active: a job without LoRAs runs with every adapter
+disabled, which is bit-identical to a pipeline that never saw one (PEFT's disabled layers
+call the original module). With LORA_FUSE=1 the active LoRAs are merged into the denoiser's
+weights for speed; the original weights are kept in CPU memory and copied back before the
+next job that needs another set, because un-merging by subtraction is not exact in bf16.
+A file that does not fit the model is an `InputError` naming the LoRA, never a silent no-op:
+diffusers only warns about LoRA keys that match no layer, so the layers actually loaded are
+counted against the LoRA's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from schemas import InputError, shorten
+
+log = logging.getLogger("worker")
+DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA in a hub repo
+KEEP_LOADED = 4  # adapters kept loaded per pipeline beyond the job's own (least recently used dropped)
+_CHUNK = 1024 * 1024
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[^\s]+))?$")
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+?)\.lora_[AB]\.[^:]*: copying a param with shape "
+                            r"torch\.Size\((\[[^\]]*\])\) from checkpoint, the shape in current model is "
+                            r"torch\.Size\((\[[^\]]*\])\)")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA of a job: where its file is, how strongly it applies, and how errors name it."""
+
+    kind: str  # "url" | "hub" | "local"
+    location: str  # the URL, the hub repo id, or the resolved local path
+    filename: str | None  # the file inside a hub repo
+    scale: float
+    label: str  # "Field 'loras[0].path'" or "WAN_FAST_LORA": how messages name where it came from
+    shown: str  # the path as given, cut short
+
+    @property
+    def key(self) -> str:
+        """sha256 of the source: the disk cache's file name and the adapter's identity."""
+        return hashlib.sha256(f"{self.kind}\n{self.location}\n{self.filename}".encode()).hexdigest()
+
+    @property
+    def adapter_name(self) -> str:
+        return f"lora_{self.key[:16]}"
+
+    def names(self) -> str:
+        """The start of every error sentence about this LoRA."""
+        return f"{self.label} names the LoRA {self.shown}, which"
+
+
+def parse_source(path: str, label: str, roots: Iterable[str], weight_name: str | None = None,
+                 scale: float = 1.0) -> LoraSpec:
+    """Check a LoRA path's form (and, for a local file, that it lies inside `roots`); no I/O besides realpath."""
+    text = path.strip()
+    shown = shorten(text, 100)
+    if re.match(r"^https?://", text, flags=re.I):
+        if weight_name:
+            raise InputError(f"{label} is a URL, {shown}, so weight_name (which picks a file in a hub repo) must "
+                             f"be left out.")
+        if not urlparse(text).hostname:
+            raise InputError(f"{label} must be an http(s) URL with a host name, got {shown}.")
+        return LoraSpec("url", text, None, scale, label, shown)
+    if text.startswith("/"):
+        if weight_name:
+            raise InputError(f"{label} is a local path, {shown}, so weight_name (which picks a file in a hub repo) "
+                             f"must be left out.")
+        if not text.lower().endswith(".safetensors"):
+            raise InputError(f"{label} must name a .safetensors file, got {shown}; pickled .ckpt/.pt/.bin files "
+                             f"are not loaded.")
+        real = os.path.realpath(text)
+        allowed = [os.path.realpath(r) for r in roots]
+        if not any(os.path.commonpath([real, r]) == r for r in allowed):
+            raise InputError(f"{label} is the local path {shown}, which lies outside the folders LoRAs may be "
+                             f"read from ({', '.join(allowed)}); put the file there or send a URL.")
+        return LoraSpec("local", real, None, scale, label, shown)
+    match = _HUB_ID.match(text)
+    if not match:
+        raise InputError(f"{label} must be an http(s) URL, a Hugging Face repo id ('owner/name', optionally "
+                         f"followed by '/file.safetensors') or an absolute path of a .safetensors file, got {shown}.")
+    if not match["file"] and match["repo"].lower().endswith(".safetensors"):
+        raise InputError(f"{label} looks like a relative file path, {shown}; a local LoRA needs an absolute path "
+                         f"and a hub repo id is 'owner/name'.")
+    if match["file"] and weight_name:
+        raise InputError(f"{label} names the file {shorten(match['file'], 60)} inside the repo and weight_name "
+                         f"names another; give the file in one of them.")
+    filename = match["file"] or weight_name or DEFAULT_WEIGHT_NAME
+    if ".." in filename.split("/") or filename.startswith("/") or not filename.lower().endswith(".safetensors"):
+        raise InputError(f"{label} must name a .safetensors file inside the repo {match['repo']!r}, got "
+                         f"{shorten(filename, 60)}.")
+    return LoraSpec("hub", match["repo"], filename, scale, label, shown)
+
+
+def job_loras(p: dict[str, Any], settings: Any) -> list[LoraSpec]:
+    """The job's LoRAs in order: the video preset "fast" puts its step-distilled LoRA first.
+
+    With preset "fast", WAN_FAST_LORA (scale 1.0) is added unless the request lists the same
+    file (then the request's scale applies). Without WAN_FAST_LORA the request's `loras` are
+    taken as the step-distilled LoRA(s); with neither, "fast" is refused.
+    """
+    specs = [parse_source(entry["path"], f"Field 'loras[{i}].path'", settings.lora_roots, entry.get("weight_name"),
+                          entry["scale"]) for i, entry in enumerate(p.get("loras") or [])]
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.key in seen:
+            raise InputError(f"{spec.label} repeats the LoRA of loras[{seen[spec.key]}], {spec.shown}; list each "
+                             f"LoRA once and set its scale.")
+        seen[spec.key] = i
+    if p.get("preset") == "fast":
+        if settings.wan_fast_lora:
+            fast = parse_source(settings.wan_fast_lora, "WAN_FAST_LORA", settings.lora_roots)
+            if fast.key not in seen:
+                specs.insert(0, fast)
+        elif not specs:
+            raise InputError("Field 'preset' is 'fast', which needs a step-distilled LoRA, but this worker has no "
+                             "WAN_FAST_LORA configured; send one in 'loras' (for example lightx2v's Wan2.1 I2V 480P "
+                             "StepDistill-CfgDistill LoRA) or ask for preset 'quality'.")
+    return specs
+
+
+# --------------------------------------------------------------------------------- files
+class LoraCache:
+    """Downloaded LoRA files on disk, named by the sha256 of their URL; least recently used evicted.
+
+    Use refreshes a file's mtime (atime is unreliable on noatime mounts). Downloads land in a
+    temporary file in the same folder and are renamed into place only once complete and
+    checked, so a crashed download or a concurrent worker never sees a partial file.
+    """
+
+    def __init__(self, directory: str | Path, max_bytes: int) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+
+    def path_for(self, spec: LoraSpec) -> Path:
+        return self.directory / f"{spec.key}.safetensors"
+
+    def fetch(self, spec: LoraSpec, *, max_bytes: int, timeout_s: float) -> Path:
+        """The local file of a LoRA, downloading it first when it is not cached."""
+        if spec.kind == "local":
+            if not os.path.isfile(spec.location):
+                raise InputError(f"{spec.names()} does not exist (or is not a file).")
+            return Path(spec.location)
+        if spec.kind == "hub":
+            return _hub_file(spec, max_bytes)
+        path = self.path_for(spec)
+        if path.is_file():
+            os.utime(path)  # most recently used
+            return path
+        self.directory.mkdir(parents=True, exist_ok=True)
+        partial = self.directory / f".{spec.key}.{os.getpid()}.{secrets.token_hex(4)}.part"
+        try:
+            start = time.perf_counter()
+            download(spec, partial, max_bytes=max_bytes, timeout_s=timeout_s)
+            check_safetensors(partial, spec)  # never cache a file that cannot be loaded
+            os.replace(partial, path)
+            log.info("LoRA %s downloaded (%.1f MB) in %.1f s", spec.shown, path.stat().st_size / 1e6,
+                     time.perf_counter() - start)
+        finally:
+            partial.unlink(missing_ok=True)
+        self.evict(keep=path)
+        return path
+
+    def evict(self, keep: Path | None = None) -> None:
+        """Delete least recently used files until the cache holds at most max_bytes (keeping `keep`)."""
+        entries = []
+        for entry in self.directory.glob("*"):
+            try:
+                stat = entry.stat()
+            except FileNotFoundError:  # another worker on the same volume removed it
+                continue
+            if entry.name.endswith(".part"):
+                if time.time() - stat.st_mtime > 24 * 3600:  # left behind by a crashed download
+                    entry.unlink(missing_ok=True)
+                continue
+            entries.append((stat.st_mtime, stat.st_size, entry))
+        total = sum(size for _, size, _ in entries)
+        for _, size, entry in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if entry != keep:
+                entry.unlink(missing_ok=True)
+                total -= size
+                log.info("LoRA cache: evicted %s (%.1f MB)", entry.name, size / 1e6)
+
+
+def download(spec: LoraSpec, dest: Path, *, max_bytes: int, timeout_s: float) -> None:
+    """Stream a URL to `dest` through runpod's SSRF-safe safe_get, under a deadline and a byte cap.
+
+    The same protections as image_url (video_utils.fetch_url): public addresses only, checked
+    again on every redirect; the cap is enforced on the announced length and while streaming.
+    Each read is bounded by the socket timeout and the deadline is checked between reads.
+    """
+    import requests
+    import urllib3
+    from runpod.serverless.utils.rp_ssrf import SSRFError, safe_get
+
+    deadline = time.monotonic() + timeout_s
+    slow = (f"{spec.names()} did not finish downloading within {timeout_s:g} s (LORA_FETCH_TIMEOUT_S); use a "
+            f"faster host or a file on the network volume.")
+    try:
+        response = safe_get(spec.location, stream=True, timeout=(min(timeout_s, 10.0), min(timeout_s, 60.0)),
+                            max_bytes=max_bytes)
+    except SSRFError as err:
+        raise InputError(_refusal(spec, str(err), max_bytes)) from None
+    except requests.Timeout:
+        raise InputError(slow) from None
+    except requests.RequestException as err:
+        raise InputError(f"{spec.names()} cannot be fetched ({type(err).__name__}); send a reachable public "
+                         f"http(s) URL.") from None
+    with response, open(dest, "wb") as out:
+        if response.status_code != 200:
+            raise InputError(f"{spec.names()} answered HTTP {response.status_code}; the file must be served with "
+                             f"status 200.")
+        received = 0
+        try:
+            while chunk := response.raw.read1(_CHUNK, decode_content=True):
+                received += len(chunk)
+                if received > max_bytes:
+                    raise InputError(f"{spec.names()} sent more than {max_bytes:,} bytes; at most {max_bytes:,} "
+                                     f"are accepted (LORA_MAX_GB).")
+                out.write(chunk)
+                if time.monotonic() > deadline:
+                    raise InputError(slow)
+        except (urllib3.exceptions.ReadTimeoutError, requests.Timeout):
+            raise InputError(slow) from None
+        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as err:
+            raise InputError(f"{spec.names()} broke off while sending the file ({type(err).__name__}); send a "
+                             f"URL that serves the whole file.") from None
+
+
+def _refusal(spec: LoraSpec, message: str, max_bytes: int) -> str:
+    """One sentence for an SSRFError of safe_get (whose own text repeats the whole URL)."""
+    if m := re.match(r"download exceeds size cap: (\d+) > ", message):
+        return (f"{spec.names()} announces {int(m.group(1)):,} bytes; at most {max_bytes:,} are accepted "
+                f"(LORA_MAX_GB).")
+    if "non-public address" in message:
+        return (f"{spec.names()} resolves to a non-public address; only public http(s) addresses are allowed "
+                f"(a file on the network volume can be given as a local path).")
+    if message.startswith("could not resolve host"):
+        return f"{spec.names()} names a host that does not resolve; send a reachable public http(s) URL."
+    return f"{spec.names()} cannot be fetched ({shorten(message.split(': http')[0], 80)}); send a public http(s) URL."
+
+
+def _hub_file(spec: LoraSpec, max_bytes: int) -> Path:
+    """A LoRA from the Hugging Face hub, through hf_hub_download and its cache (HF_HOME)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    try:
+        return Path(hf_hub_download(spec.location, spec.filename, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached yet (or an offline cache miss): download below
+        pass
+    try:
+        size = get_hf_file_metadata(hf_hub_url(spec.location, spec.filename)).size
+        if size is not None and size > max_bytes:
+            raise InputError(f"{spec.names()} is a file of {size:,} bytes; at most {max_bytes:,} are accepted "
+                             f"(LORA_MAX_GB).")
+        return Path(hf_hub_download(spec.location, spec.filename))
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - hub errors: missing repo/file, gated, offline, network
+        detail = str(err).splitlines()[0][:160] if str(err) else ""
+        raise InputError(f"{spec.names()} cannot be fetched from the Hugging Face hub as {spec.location!r} file "
+                         f"{spec.filename!r} ({type(err).__name__}: {detail}); check the repo id and weight_name."
+                         ) from None
+
+
+def check_safetensors(path: Path, spec: LoraSpec) -> None:
+    """Refuse a file that is not a complete .safetensors file, before anything loads it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            count = len(list(handle.keys()))
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...
+        detail = str(err).removeprefix("Error while deserializing header: ")
+        size = path.stat().st_size if path.exists() else 0
+        what = ("a truncated .safetensors file" if "not fully covered" in detail or "invalid header length" in detail
+                else "not a .safetensors file")
+        raise InputError(f"{spec.names()} is {what} ({size:,} bytes; safetensors: {detail}); LoRAs must be "
+                         f"complete .safetensors files.") from None
+    if count == 0:
+        raise InputError(f"{spec.names()} is a .safetensors file without tensors; it holds no LoRA weights.")
+
+
+def read_lora(path: Path, spec: LoraSpec) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    check_safetensors(path, spec)
+    return load_file(str(path))
+
+
+# ------------------------------------------------------------------------------ adapters
+# Keys under these belong to a pipeline component or a format diffusers converts; others are bare PEFT keys.
+_COMPONENT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.", "transformer_2.",
+                       "diffusion_model.", "lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight", ".lora_linear_layer.down.weight")
+
+
+def lora_layer_count(state: dict[str, Any]) -> int:
+    """How many layers a LoRA state dict adapts (its down / A matrices), whatever its key format."""
+    return sum(1 for key in state if key.endswith(_DOWN_SUFFIXES))
+
+
+def _tuner_layers(modules: Iterable[Any]) -> Iterator[Any]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in modules:
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                yield module
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Loading a LoRA logs warnings we turn into errors ourselves (or that are noise: transformers'
+    LOAD REPORT of the wrapped base layers, PEFT's notes on several adapters); keep them out of the log."""
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+@contextmanager
+def lora_disabled(module: Any) -> Iterator[None]:
+    """Run with the LoRA layers inside `module` disabled (SDXL: the text encoder the refiner shares)."""
+    layers = list(_tuner_layers([module])) if module is not None else []
+    states = [layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer, was_disabled in zip(layers, states, strict=True):
+            layer.enable_adapters(not was_disabled)
+
+
+class PipelineLoras:
+    """The LoRA adapters loaded into one diffusers pipeline, which of them are active, and fusing.
+
+    `denoiser` is the component that runs every step ("unet" or "transformer"): the only one
+    fused, since the text encoders run once per job.
+    """
+
+    def __init__(self, pipe: Any, denoiser: str, model_words: str) -> None:
+        self.pipe, self.denoiser, self.model_words = pipe, denoiser, model_words
+        self.loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recently used first
+        self.active: tuple[tuple[str, float], ...] | None = ()  # None: unknown after a failure
+        self.fused = False
+        self._originals: dict[Any, tuple[Any, Any]] = {}  # fused layer -> (weight, bias) copies on the CPU
+        self.loads = 0  # adapters loaded so far (tests check that an unchanged set does not reload)
+
+    def components(self) -> list[Any]:
+        names = getattr(self.pipe, "_lora_loadable_modules", [self.denoiser])
+        return [m for m in (getattr(self.pipe, n, None) for n in names) if m is not None]
+
+    def apply(self, specs: list[LoraSpec], fetch: Callable[[LoraSpec], Path], fuse: bool) -> bool:
+        """Make exactly `specs` active (none: all disabled); returns whether anything changed."""
+        wanted = tuple((spec.adapter_name, spec.scale) for spec in specs)
+        fuse = fuse and bool(wanted)
+        if wanted == self.active and fuse == self.fused:
+            for name, _ in wanted:
+                self.loaded.move_to_end(name)
+            return False
+        try:
+            if self.fused:
+                self._restore()
+            if not wanted:
+                if self.active != ():
+                    self.pipe.disable_lora()
+                self.active = ()
+                return True
+            for spec in specs:
+                if spec.adapter_name not in self.loaded:
+                    self._load(spec, fetch(spec))
+                self.loaded.move_to_end(spec.adapter_name)
+            self._evict(keep={name for name, _ in wanted})
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([name for name, _ in wanted], adapter_weights=[scale for _, scale in wanted])
+            self.active = wanted
+            if fuse:
+                self._fuse([name for name, _ in wanted])
+            return True
+        except BaseException:
+            self.active = None  # whatever happened, the next job sets the adapters again
+            raise
+
+    def _load(self, spec: LoraSpec, path: Path) -> None:
+        state = self._with_prefix(read_lora(path, spec))
+        expected = lora_layer_count(state)
+        if expected == 0:
+            raise InputError(f"{spec.names()} holds no LoRA weights (no lora_A/lora_down tensors among its "
+                             f"{len(state)} keys, e.g. {shorten(next(iter(state)), 80)}); LoRAs in diffusers/PEFT, "
+                             f"kohya, musubi or lightx2v/Kijai format are accepted.")
+        name = spec.adapter_name
+        start = time.perf_counter()
+        try:
+            with _quiet_loading():
+                self.pipe.load_lora_weights(state, adapter_name=name)
+        except Exception as err:  # noqa: BLE001 - diffusers/PEFT raise many types for a file that does not fit
+            self._forget(name)
+            raise InputError(f"{spec.names()} does not fit {self.model_words}: {_misfit(err, state)}; use a LoRA made "
+                             f"for this model.") from None
+        loaded = sum(1 for layer in _tuner_layers(self.components()) if name in getattr(layer, "lora_A", {}))
+        if loaded < expected:
+            self._forget(name)
+            what = "none" if loaded == 0 else f"only {loaded}"
+            raise InputError(f"{spec.names()} does not fit {self.model_words}: {what} of its {expected} LoRA layers "
+                             f"match a layer of the model; use a LoRA made for this model.")
+        self.loaded[name] = None
+        self.loads += 1
+        log.info("LoRA %s loaded as %s (%d layers) in %.2f s", spec.shown, name, loaded, time.perf_counter() - start)
+
+    def _with_prefix(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Bare PEFT keys (a model's save_lora_adapter, PEFT's save_pretrained) belong to the denoiser.
+
+        diffusers' pipelines load only keys under a component prefix ("transformer.", "unet.") or
+        in a format they convert (kohya, musubi, lightx2v), and silently skip the rest.
+        """
+        peft_prefix = "base_model.model."
+        if state and all(key.startswith(peft_prefix) for key in state):
+            state = {key[len(peft_prefix):]: value for key, value in state.items()}
+        if any(key.startswith(_COMPONENT_PREFIXES) for key in state):
+            return state
+        return {f"{self.denoiser}.{key}": value for key, value in state.items()}
+
+    def _forget(self, name: str) -> None:
+        """Remove whatever a failed load left of an adapter."""
+        try:
+            if any(name in getattr(layer, "lora_A", {}) for layer in _tuner_layers(self.components())):
+                with _quiet_loading():
+                    self.pipe.delete_adapters([name])
+        except Exception:  # noqa: BLE001 - best effort; the layers of a failed load are disabled anyway
+            log.exception("could not remove the adapter %s after a failed load", name)
+        self.loaded.pop(name, None)
+
+    def _evict(self, keep: set[str]) -> None:
+        while len(self.loaded) > max(KEEP_LOADED, len(keep)):
+            name = next(n for n in self.loaded if n not in keep)
+            with _quiet_loading():
+                self.pipe.delete_adapters([name])
+            del self.loaded[name]
+            log.info("LoRA adapter %s unloaded (least recently used)", name)
+
+    def _fuse(self, names: list[str]) -> None:
+        """Merge the active LoRAs into the denoiser's weights, keeping exact copies of the originals."""
+        start = time.perf_counter()
+        for layer in _tuner_layers([getattr(self.pipe, self.denoiser)]):
+            here = [n for n in names if n in getattr(layer, "lora_A", {})]
+            if not here:
+                continue
+            base = layer.get_base_layer()
+            bias = getattr(base, "bias", None)
+            self._originals[layer] = (base.weight.detach().to("cpu", copy=True),
+                                      None if bias is None else bias.detach().to("cpu", copy=True))
+            layer.merge(adapter_names=here)
+        self.fused = True
+        log.info("LoRAs fused into %d layers in %.2f s", len(self._originals), time.perf_counter() - start)
+
+    def _restore(self) -> None:
+        """Undo a fuse bit for bit: copy the original weights back (PEFT's unmerge subtracts, inexactly)."""
+        for layer, (weight, bias) in self._originals.items():
+            base = layer.get_base_layer()
+            base.weight.data.copy_(weight)
+            if bias is not None:
+                base.bias.data.copy_(bias)
+            layer.merged_adapters.clear()
+        self._originals.clear()
+        self.fused = False
+
+
+def _misfit(err: Exception, state: dict[str, Any]) -> str:
+    """What about a LoRA does not fit the model, from diffusers'/PEFT's exception."""
+    text = str(err)
+    if m := _SIZE_MISMATCH.search(text):
+        return f"its weights for {m.group(1)} have shape {m.group(2)} where the model needs {m.group(3)}"
+    if m := re.search(r"Target modules \{?([^},]*)", text):
+        return f"none of its layers are in the model (for example {m.group(1).strip()[:80]})"
+    if isinstance(err, KeyError):
+        return f"the key {shorten(text.strip(chr(39)), 80)} its format requires is missing"
+    if "lora" in text and "substring" in text:
+        odd = next((key for key in state if "lora" not in key), "")
+        return f"its keys are not in a LoRA format this model reads (for example {shorten(odd, 80)})"
+    first = text.splitlines()[0][:160] if text else ""
+    return f"{type(err).__name__}: {first}"
