@@ -64,9 +64,9 @@ def plan_placement(gpu_total_gib: float, headroom_gib: float, profile: str = "au
     if profile == "auto":
         if gpu_total_gib >= wan_gib + headroom_gib:
             profile = "full"
-        elif gpu_total_gib >= OFFLOAD_MIN_GIB or (fp8 and gpu_total_gib >= 20):
+        elif gpu_total_gib >= OFFLOAD_MIN_GIB:
             profile = "offload"
-        else:
+        else:  # measured on a 24 GB emulation: 13.8 GiB peak, 7.8 s/step (benchmarks/RESULTS.md)
             profile = "lowvram"
     keep_both = profile == "full" and gpu_total_gib >= wan_gib + sdxl_gib + headroom_gib
     return Placement(keep_both=keep_both, wan_profile=profile)
@@ -160,6 +160,9 @@ class ModelHandler:
             if s.sdxl_compile:
                 pipe.unet.compile_repeated_blocks(fullgraph=True)
         self.base, self.refiner = base.to(self.device), refiner.to(self.device)
+        if s.sdxl_fuse_qkv:  # on the device: concatenating fp16 weights on the CPU took seconds
+            for pipe in (base, refiner):
+                pipe.unet.fuse_qkv_projections()
         seconds = time.perf_counter() - start
         log.info("SDXL loaded on %s in %.1f s", self.device, seconds)
         return seconds
@@ -184,7 +187,11 @@ class ModelHandler:
         if not self.placement.keep_both:
             self._park_sdxl()
         profile = self.placement.wan_profile
-        if self.settings.wan_fp8:
+        if self.settings.wan_fp8 and profile == "lowvram":
+            # torchao quantizes on the GPU, so the bf16 transformer (30.5 GiB) would have to fit
+            # there first: on a 24 GB card that failed with out-of-memory (benchmarks/RESULTS.md).
+            log.warning("WAN_FP8 is ignored with the lowvram profile: quantizing needs the bf16 transformer on the GPU")
+        elif self.settings.wan_fp8:
             # torchao quantizes on the GPU; the transformer goes there first, whatever the profile.
             pipe.transformer.to(self.device)
             _quantize_fp8(pipe.transformer)
@@ -255,6 +262,10 @@ class ModelHandler:
         if not specs and family not in self._loras:
             return 0.0  # no LoRA ever loaded here: nothing to switch off
         start = time.perf_counter()
+        if family == "sdxl" and specs and self.settings.sdxl_fuse_qkv and self.base.unet.original_attn_processors:
+            # LoRAs target the separate q/k/v projections; from the first SDXL LoRA job on, they stay unfused.
+            log.info("unfusing the SDXL base UNet's QKV projections for LoRAs")
+            self.base.unet.unfuse_qkv_projections()
         if family not in self._loras:
             self._loras[family] = (PipelineLoras(self.base, "unet", "the SDXL base model") if family == "sdxl" else
                                    PipelineLoras(self.wan, "transformer", "the Wan2.1 I2V transformer"))
@@ -337,9 +348,10 @@ def _step_cache(transformer: torch.nn.Module, p: dict[str, Any]) -> Iterator[Non
     from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
     config = (FirstBlockCacheConfig(threshold=p["step_cache_threshold"]) if kind == "first_block"
-              # diffusers' default patterns ("^blocks.*attn") match none of Wan's attn1/attn2/ffn modules.
-              else TaylorSeerCacheConfig(taylor_factors_dtype=transformer.dtype,
-                                         cache_identifiers=[r"blocks\.\d+\.(attn1|attn2|ffn)"]))
+              # Lite mode predicts only proj_out and skips the blocks on predicted steps. Caching every
+              # block's attn1/attn2/ffn outputs instead ran out of memory on an 80 GB H100 at 480x832x33
+              # (Taylor factors for 120 modules x cond/uncond); diffusers' default patterns match no Wan module.
+              else TaylorSeerCacheConfig(taylor_factors_dtype=transformer.dtype, use_lite_mode=True))
     transformer.enable_cache(config)
     try:
         yield

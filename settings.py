@@ -63,6 +63,7 @@ class Settings:
     wan_fp8: bool = False  # torchao float8 weights+activations for the transformer's block linears
     wan_compile: bool = False  # regional torch.compile of the Wan transformer blocks, warmed up at start
     sdxl_compile: bool = False  # regional torch.compile of the SDXL UNets' transformer blocks
+    sdxl_fuse_qkv: bool = False  # one fused QKV projection per attention layer in the SDXL UNets
     attention_backend: str = "auto"  # diffusers attention backend; auto picks by what is importable
     # runpod's own logger defaults to DEBUG, which prints whole job inputs (megabytes of base64).
     runpod_log_level: str = "INFO"
@@ -227,6 +228,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         wan_fp8=_flag(env, "WAN_FP8"),
         wan_compile=_flag(env, "WAN_COMPILE"),
         sdxl_compile=_flag(env, "SDXL_COMPILE"),
+        sdxl_fuse_qkv=_flag(env, "SDXL_FUSE_QKV"),
         attention_backend=env.get("ATTENTION_BACKEND", "").strip() or "auto",
         runpod_log_level=env.get("RUNPOD_LOG_LEVEL") or env.get("RUNPOD_DEBUG_LEVEL") or "INFO",
         on_runpod=bool(env.get("RUNPOD_WEBHOOK_GET_JOB")),
