@@ -63,7 +63,9 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
                              "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY); ask for 'auto' or 'base64'.")
         run = _image_job if params["mode"] == "image" else _video_job
         return run(job, params, settings, models)
-    except (InputError, GenerationError, DeliveryError) as err:
+    except InputError as err:  # refused before any model work: nothing to free
+        return {"error": str(err)}
+    except (GenerationError, DeliveryError) as err:
         free_memory()
         return {"error": str(err)}
     except Exception as err:  # noqa: BLE001 - the worker must answer every job and keep serving
@@ -119,6 +121,10 @@ def video_tokens(num_frames: int, height: int, width: int) -> int:
 
 
 def _video_job(job: dict[str, Any], p: dict[str, Any], settings: Settings, models: ModelHandler) -> dict[str, Any]:
+    if p["step_cache"] != "off" and settings.wan_compile:
+        # The cache hooks wrap the transformer blocks, which torch.compile(fullgraph=True) cannot trace.
+        raise InputError(f"Field 'step_cache' is {p['step_cache']!r}, but this worker runs with WAN_COMPILE=1, "
+                         f"which step caching cannot be combined with; send 'off'.")
     job_loras(p, settings)  # refuse malformed LoRA paths (and preset "fast" without a LoRA) before any work
     if p["height"] is not None:
         _check_video_budget(p, settings)  # before fetching anything

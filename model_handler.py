@@ -187,7 +187,10 @@ class ModelHandler:
         if not self.placement.keep_both:
             self._park_sdxl()
         profile = self.placement.wan_profile
-        if self.settings.wan_fp8 and profile == "lowvram":
+        if self.settings.wan_fp8 and not _fp8_capable(self.device):
+            log.warning("WAN_FP8 is ignored on %s: float8 matmuls need a GPU of compute capability 8.9+ "
+                        "(Ada, Hopper)", self.device)
+        elif self.settings.wan_fp8 and profile == "lowvram":
             # torchao quantizes on the GPU, so the bf16 transformer (30.5 GiB) would have to fit
             # there first: on a 24 GB card that failed with out-of-memory (benchmarks/RESULTS.md).
             log.warning("WAN_FP8 is ignored with the lowvram profile: quantizing needs the bf16 transformer on the GPU")
@@ -357,6 +360,10 @@ def _step_cache(transformer: torch.nn.Module, p: dict[str, Any]) -> Iterator[Non
         yield
     finally:
         transformer.disable_cache()
+
+
+def _fp8_capable(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _quantize_fp8(transformer: torch.nn.Module) -> None:

@@ -7,6 +7,7 @@ a bucket half configured) raises `SettingsError` there, before any job is taken.
 
 from __future__ import annotations
 
+import math
 import re
 import tempfile
 from collections.abc import Mapping
@@ -98,9 +99,12 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if not raw:
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a number, got {raw!r}.") from None
+    if not math.isfinite(value) or value < 0:
+        raise SettingsError(f"{name} must be a finite number of at least 0, got {raw!r}.")
+    return value
 
 
 # https://<bucket>.s3.<region>.amazonaws.com: the form RunPod's docs show for BUCKET_ENDPOINT_URL.
@@ -221,7 +225,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", Settings.max_image_pixels),
         max_input_image_bytes=_int(env, "MAX_INPUT_IMAGE_BYTES", Settings.max_input_image_bytes),
         max_input_image_pixels=_int(env, "MAX_INPUT_IMAGE_PIXELS", Settings.max_input_image_pixels),
-        fetch_timeout_s=_float(env, "FETCH_TIMEOUT_S", Settings.fetch_timeout_s),
+        fetch_timeout_s=_float(env, "FETCH_TIMEOUT_S", Settings.fetch_timeout_s) or Settings.fetch_timeout_s,
         gpu_headroom_gib=_float(env, "GPU_HEADROOM_GIB", Settings.gpu_headroom_gib),
         memory_profile=profile,
         gpu_memory_gib=gpu_memory,

@@ -84,6 +84,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the server's process: get SIGTERM when pytest dies, so a killed run leaves no server behind."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class ApiServer:
     """`python handler.py --rp_serve_api` in a subprocess, as a user would run it."""
 
@@ -97,7 +105,7 @@ class ApiServer:
         self.proc = subprocess.Popen(
             [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(self.port),
              "--rp_api_host", "127.0.0.1"],
-            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

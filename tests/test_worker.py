@@ -258,3 +258,25 @@ def test_step_cache_skips_transformer_work_and_is_gone_after_the_job(run_job, ki
     assert cached_calls < len(calls) == 16  # 8 steps x (cond + uncond) without the cache
     decode = [probe_mp4(decode_data_uri(r["video"], "video/mp4"))["pixels"] for r in (plain, after)]
     assert np.array_equal(decode[0], decode[1])  # no cache state leaks into the next job
+
+
+def test_every_switch_that_runs_on_cpu_turned_on(tiny_env):
+    """Compilation, fused QKV, LoRA fusing, an explicit attention backend and the memory settings
+    (which a CPU ignores), plus float8 (ignored without an Ada/Hopper GPU): both modes still work."""
+    from settings import load_settings
+
+    settings = load_settings(tiny_env | {
+        "WAN_COMPILE": "1", "SDXL_COMPILE": "1", "SDXL_FUSE_QKV": "1", "LORA_FUSE": "1", "WAN_FP8": "1",
+        "ATTENTION_BACKEND": "native", "MEMORY_PROFILE": "lowvram", "GPU_MEMORY_GIB": "24"})
+    worker.configure(settings)
+    try:
+        refused = worker.handler({"id": "c", "input": {**VIDEO, "image_url": png_b64(), "step_cache": "first_block"}})
+        assert refused == {"error": "Field 'step_cache' is 'first_block', but this worker runs with WAN_COMPILE=1, "
+                                    "which step caching cannot be combined with; send 'off'."}
+        video = worker.handler({"id": "v", "input": {**VIDEO, "image_url": png_b64()}})
+        assert "error" not in video, video
+        assert probe_mp4(decode_data_uri(video["video"], "video/mp4"))["frames"] == 9
+        image = worker.handler({"id": "i", "input": {**IMAGE, "num_inference_steps": 2}})
+        assert [im.size for im in pngs(image)] == [(192, 128)], image
+    finally:
+        worker.configure(load_settings(tiny_env))
