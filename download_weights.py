@@ -159,6 +159,7 @@ def _sdxl_vae(seed: int):
 
 
 def build_tiny_sdxl(out: Path) -> None:
+    import torch
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     vae = _sdxl_vae(seed=0)
@@ -169,14 +170,15 @@ def build_tiny_sdxl(out: Path) -> None:
         tokenizer_2=_clip_tokenizer(), unet=_sdxl_unet(refiner=False, seed=3), scheduler=_sdxl_scheduler(),
         force_zeros_for_empty_prompt=True,
     )
-    # Saved as the fp16 variant, as the worker (like worker-sdxl) loads variant="fp16".
-    base.save_pretrained(out / "sdxl-base", variant="fp16")
+    # Saved as the fp16 variant in fp16, as the real repositories; the worker (like worker-sdxl)
+    # loads variant="fp16" and casts to float32 on CPU.
+    base.to(dtype=torch.float16).save_pretrained(out / "sdxl-base", variant="fp16")
     refiner = StableDiffusionXLImg2ImgPipeline(
         vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None,
         tokenizer_2=_clip_tokenizer(), unet=_sdxl_unet(refiner=True, seed=4), scheduler=_sdxl_scheduler(),
         requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
     )
-    refiner.save_pretrained(out / "sdxl-refiner", variant="fp16")
+    refiner.to(dtype=torch.float16).save_pretrained(out / "sdxl-refiner", variant="fp16")
 
 
 def build_tiny_wan(out: Path) -> None:
