@@ -36,6 +36,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from schemas import InputError, shorten
+from video_utils import Refusals, stream_url
 
 log = logging.getLogger("worker")
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA in a hub repo
@@ -207,61 +208,22 @@ class LoraCache:
 
 
 def download(spec: LoraSpec, dest: Path, *, max_bytes: int, timeout_s: float) -> None:
-    """Stream a URL to `dest` through runpod's SSRF-safe safe_get, under a deadline and a byte cap.
+    """Stream a URL to `dest` through video_utils.stream_url, the downloader of image_url.
 
-    The same protections as image_url (video_utils.fetch_url): public addresses only, checked
-    again on every redirect; the cap is enforced on the announced length and while streaming.
-    Each read is bounded by the socket timeout and the deadline is checked between reads.
+    The same protections as image_url: runpod's SSRF-safe safe_get (public addresses only,
+    checked again on every redirect), a byte cap on the announced length and while streaming,
+    and a hard deadline that holds even against a server that trickles its headers.
     """
-    import requests
-    import urllib3
-    from runpod.serverless.utils.rp_ssrf import SSRFError, safe_get
-
-    deadline = time.monotonic() + timeout_s
-    slow = (f"{spec.names()} did not finish downloading within {timeout_s:g} s (LORA_FETCH_TIMEOUT_S); use a "
-            f"faster host or a file on the network volume.")
-    try:
-        response = safe_get(spec.location, stream=True, timeout=(min(timeout_s, 10.0), min(timeout_s, 60.0)),
-                            max_bytes=max_bytes)
-    except SSRFError as err:
-        raise InputError(_refusal(spec, str(err), max_bytes)) from None
-    except requests.Timeout:
-        raise InputError(slow) from None
-    except requests.RequestException as err:
-        raise InputError(f"{spec.names()} cannot be fetched ({type(err).__name__}); send a reachable public "
-                         f"http(s) URL.") from None
-    with response, open(dest, "wb") as out:
-        if response.status_code != 200:
-            raise InputError(f"{spec.names()} answered HTTP {response.status_code}; the file must be served with "
-                             f"status 200.")
-        received = 0
-        try:
-            while chunk := response.raw.read1(_CHUNK, decode_content=True):
-                received += len(chunk)
-                if received > max_bytes:
-                    raise InputError(f"{spec.names()} sent more than {max_bytes:,} bytes; at most {max_bytes:,} "
-                                     f"are accepted (LORA_MAX_GB).")
-                out.write(chunk)
-                if time.monotonic() > deadline:
-                    raise InputError(slow)
-        except (urllib3.exceptions.ReadTimeoutError, requests.Timeout):
-            raise InputError(slow) from None
-        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as err:
-            raise InputError(f"{spec.names()} broke off while sending the file ({type(err).__name__}); send a "
-                             f"URL that serves the whole file.") from None
-
-
-def _refusal(spec: LoraSpec, message: str, max_bytes: int) -> str:
-    """One sentence for an SSRFError of safe_get (whose own text repeats the whole URL)."""
-    if m := re.match(r"download exceeds size cap: (\d+) > ", message):
-        return (f"{spec.names()} announces {int(m.group(1)):,} bytes; at most {max_bytes:,} are accepted "
-                f"(LORA_MAX_GB).")
-    if "non-public address" in message:
-        return (f"{spec.names()} resolves to a non-public address; only public http(s) addresses are allowed "
-                f"(a file on the network volume can be given as a local path).")
-    if message.startswith("could not resolve host"):
-        return f"{spec.names()} names a host that does not resolve; send a reachable public http(s) URL."
-    return f"{spec.names()} cannot be fetched ({shorten(message.split(': http')[0], 80)}); send a public http(s) URL."
+    words = Refusals(
+        start=spec.names(), thing="file", cap=f"at most {max_bytes:,} are accepted (LORA_MAX_GB)",
+        slow=(f"{spec.names()} did not finish downloading within {timeout_s:g} s (LORA_FETCH_TIMEOUT_S); use a "
+              f"faster host or a file on the network volume."),
+        no_host=f"{spec.label} must be an http(s) URL with a host name, got {spec.shown}.",
+        allowed="only public http(s) addresses are allowed (a file on the network volume can be given as a local "
+                "path)")
+    with open(dest, "wb") as out:  # opened here, so the download thread never creates a file after the deadline
+        stream_url(spec.location, out.write, max_bytes=max_bytes, timeout_s=timeout_s, words=words,
+                   chunk_size=_CHUNK)
 
 
 def _hub_file(spec: LoraSpec, max_bytes: int) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -516,7 +517,8 @@ def test_lora_downloads_are_refused_when_broken_too_large_or_private(run_job, mo
     use(models, lora_env)
     monkeypatch.delenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS")
     result = run_job({**base, "loras": [{"path": httpserver.url_for("/big")}]})
-    assert "resolves to a non-public address; only public http(s) addresses are allowed" in result["error"]
+    assert re.search(r"resolves to the non-public address \S+; only public http\(s\) addresses are allowed \(a file "
+                     r"on the network volume can be given as a local path\)\.$", result["error"]), result
     assert not list(Path(lora_env["LORA_CACHE_DIR"]).glob("*.part"))  # nothing half-written is left
 
 
