@@ -63,7 +63,7 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
                              "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY); ask for 'auto' or 'base64'.")
         run = _image_job if params["mode"] == "image" else _video_job
         return run(job, params, settings, models)
-    except InputError as err:  # refused before any model work: nothing to free
+    except InputError as err:  # a refusal: no generation ran, so there is nothing to free
         return {"error": str(err)}
     except (GenerationError, DeliveryError) as err:
         free_memory()
