@@ -39,7 +39,7 @@ def configure(settings: Settings) -> ModelHandler:
     global _settings, _models
     model_fields = ("sdxl_model_id", "sdxl_refiner_id", "sdxl_vae_id", "wan_model_id", "gpu_headroom_gib",
                     "memory_profile", "gpu_memory_gib", "wan_fp8", "wan_compile", "sdxl_compile", "sdxl_fuse_qkv",
-                    "attention_backend")
+                    "attention_backend", "wan_load_to_gpu")
     if _models is None or any(getattr(_models.settings, f) != getattr(settings, f) for f in model_fields):
         _models = ModelHandler(settings)
     _models.settings = settings  # options read per job (LoRA cache, fusing) follow the new settings

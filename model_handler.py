@@ -172,17 +172,24 @@ class ModelHandler:
         if self.wan is not None:
             return 0.0
         start = time.perf_counter()  # before the imports: a cold start pays for them too
-        from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
-        from transformers import CLIPVisionModel
+        from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
+        from transformers import CLIPVisionModel, UMT5EncoderModel
 
         model_id = self.settings.wan_model_id
+        low = self._dtype(torch.bfloat16)
+        # When everything stays resident (and nothing is quantized first), the safetensors load
+        # straight into GPU memory instead of through a CPU copy (WAN_LOAD_TO_GPU).
+        direct = (self.settings.wan_load_to_gpu and self.device.type == "cuda"
+                  and self.placement.wan_profile == "full" and not self.settings.wan_fp8)
+        where = {"device_map": str(self.device)} if direct else {}
         with _missing_weights("WAN_MODEL_ID", model_id, "wan"):
-            image_encoder = CLIPVisionModel.from_pretrained(model_id, subfolder="image_encoder",
-                                                            dtype=torch.float32, local_files_only=True)
-            vae = AutoencoderKLWan.from_pretrained(model_id, subfolder="vae", dtype=torch.float32,
-                                                   local_files_only=True)
-            pipe = WanImageToVideoPipeline.from_pretrained(model_id, vae=vae, image_encoder=image_encoder,
-                                                           dtype=self._dtype(torch.bfloat16), local_files_only=True)
+            # The model card's recipe, component by component: image encoder and VAE in float32.
+            components = {
+                "image_encoder": (CLIPVisionModel, torch.float32), "vae": (AutoencoderKLWan, torch.float32),
+                "text_encoder": (UMT5EncoderModel, low), "transformer": (WanTransformer3DModel, low)}
+            loaded = {name: cls.from_pretrained(model_id, subfolder=name, dtype=dtype, local_files_only=True, **where)
+                      for name, (cls, dtype) in components.items()}
+            pipe = WanImageToVideoPipeline.from_pretrained(model_id, dtype=low, local_files_only=True, **loaded)
         pipe.set_progress_bar_config(disable=True)
         if not self.placement.keep_both:
             self._park_sdxl()

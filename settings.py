@@ -63,6 +63,7 @@ class Settings:
     gpu_memory_gib: float | None = None  # overrides the card's size for the automatic choice
     wan_fp8: bool = False  # torchao float8 weights+activations for the transformer's block linears
     wan_compile: bool = False  # regional torch.compile of the Wan transformer blocks, warmed up at start
+    wan_load_to_gpu: bool = True  # load Wan's safetensors straight into GPU memory (profile "full")
     sdxl_compile: bool = False  # regional torch.compile of the SDXL UNets' transformer blocks
     sdxl_fuse_qkv: bool = False  # one fused QKV projection per attention layer in the SDXL UNets
     attention_backend: str = "auto"  # diffusers attention backend; auto picks by what is importable
@@ -165,9 +166,11 @@ def _model_location(env: Mapping[str, str], var: str, folder: str, hub_id: str) 
     return str(baked) if (baked / "model_index.json").exists() or (baked / "config.json").exists() else hub_id
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
+def _flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
     raw = env.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
+    if not raw:
+        return default
+    if raw in ("0", "false", "no", "off"):
         return False
     if raw in ("1", "true", "yes", "on"):
         return True
@@ -231,6 +234,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         gpu_memory_gib=gpu_memory,
         wan_fp8=_flag(env, "WAN_FP8"),
         wan_compile=_flag(env, "WAN_COMPILE"),
+        wan_load_to_gpu=_flag(env, "WAN_LOAD_TO_GPU", default=True),
         sdxl_compile=_flag(env, "SDXL_COMPILE"),
         sdxl_fuse_qkv=_flag(env, "SDXL_FUSE_QKV"),
         attention_backend=env.get("ATTENTION_BACKEND", "").strip() or "auto",
