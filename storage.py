@@ -117,11 +117,9 @@ def deliver(artifacts: list[Artifact], job_id: str, bucket: Bucket | None, outpu
             attempts: int | None = None, backoff_s: float | None = None) -> tuple[list[str], list[str]]:
     """Return (one URL or data URI per artifact, warnings) according to the request's `output`.
 
-    output 'base64' always inlines; 'auto' uploads when a bucket is configured; 's3' requires one.
+    output 'base64' always inlines; 'auto' and 's3' upload when a bucket is configured ('s3' without
+    one is refused by the handler before any generation, so no result is made only to be dropped).
     """
-    if output == "s3" and bucket is None:
-        raise DeliveryError("Field 'output' is 's3' but no bucket is configured (BUCKET_ENDPOINT_URL, "
-                            "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY); ask for 'auto' or 'base64'.")
     if bucket is None or output == "base64":
         return [data_uri(a.data, a.mime) for a in artifacts], []
     attempts = UPLOAD_ATTEMPTS if attempts is None else max(1, attempts)

@@ -216,6 +216,20 @@ def make_plan(args: argparse.Namespace) -> Plan:
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
+def script_record(tag: str) -> tuple[dict, Callable[[str], None]]:
+    """The results dict and timestamped logger shared by the probe scripts (levers, fast_preset, step_cache)."""
+    import torch
+
+    start = time.perf_counter()
+    record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)}
+
+    def log(msg: str) -> None:
+        print(f"[{tag} {time.perf_counter() - start:6.1f}s] {msg}", flush=True)
+
+    return record, log
+
+
 def _err(err: BaseException) -> str:
     text = str(err).strip().splitlines()[0][:400] if str(err).strip() else ""
     return f"{type(err).__name__}: {text}"

@@ -25,15 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench import CONFIGS, build_component  # noqa: E402
+from bench import CONFIGS, build_component, script_record  # noqa: E402
 
 START = time.perf_counter()
-RESULTS: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                 "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)}
-
-
-def log(msg: str) -> None:
-    print(f"[levers {time.perf_counter() - START:6.1f}s] {msg}", flush=True)
+RESULTS, log = script_record("levers")
 
 
 def timed(fn, n: int = 3, warm: int = 1) -> float:

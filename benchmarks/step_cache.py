@@ -25,15 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench import build_group, group_ready, input_image, png_data_uri, worker_env  # noqa: E402
+from bench import build_group, group_ready, input_image, png_data_uri, script_record, worker_env  # noqa: E402
 
-START = time.perf_counter()
-RESULTS: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                 "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv), "jobs": {}}
-
-
-def log(msg: str) -> None:
-    print(f"[cache {time.perf_counter() - START:6.1f}s] {msg}", flush=True)
+RESULTS, log = script_record("cache")
+RESULTS["jobs"] = {}
 
 
 def small_fp8() -> dict:

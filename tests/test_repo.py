@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 from conftest import ROOT
@@ -74,4 +73,13 @@ def test_settings_is_a_pure_function_of_the_environment(tmp_path):
     assert settings.load_settings(env | {"WAN_MODEL_ID": "me/wan"}).wan_model_id == "me/wan"
     with pytest.raises(settings.SettingsError, match="PRELOAD_MODELS may list 'sdxl' and 'wan', got 'flux'."):
         settings.load_settings({"PRELOAD_MODELS": "sdxl,flux"})
-    assert sys.modules["settings"] is settings
+
+
+
+def test_settings_read_only_the_mapping_they_are_given(monkeypatch):
+    monkeypatch.setenv("WAN_MODEL_ID", "from/process-env")
+    monkeypatch.setenv("BUCKET_ENDPOINT_URL", "https://s3.example.com/half-configured")
+    loaded = settings.load_settings({"MODEL_DIR": "/nonexistent"})
+    assert loaded.wan_model_id == settings.DEFAULT_WAN_MODEL_ID
+    assert loaded.bucket is None
+    assert loaded == settings.load_settings({"MODEL_DIR": "/nonexistent"})
