@@ -219,7 +219,7 @@ def main() -> None:
     preload = set(settings.preload) | ({"wan"} if settings.wan_compile else set())
     for name in sorted(preload):
         try:
-            models.load_sdxl() if name == "sdxl" else models.load_wan()
+            models.prepare("image" if name == "sdxl" else "video")  # parks the other model if both do not fit
             if name == "wan" and settings.wan_compile:
                 models.warm_up()
         except GenerationError as err:  # keep serving: each job will report the same clear error

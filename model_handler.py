@@ -191,8 +191,6 @@ class ModelHandler:
                       for name, (cls, dtype) in components.items()}
             pipe = WanImageToVideoPipeline.from_pretrained(model_id, dtype=low, local_files_only=True, **loaded)
         pipe.set_progress_bar_config(disable=True)
-        if not self.placement.keep_both:
-            self._park_sdxl()
         profile = self.placement.wan_profile
         if self.settings.wan_fp8 and not _fp8_capable(self.device):
             log.warning("WAN_FP8 is ignored on %s: float8 matmuls need a GPU of compute capability 8.9+ "
@@ -237,19 +235,20 @@ class ModelHandler:
             self.wan.to("cpu")
             free_memory()
 
-    def _prepare(self, mode: str) -> float:
+    def prepare(self, mode: str) -> float:
         """Load what the mode needs and make it resident; returns load seconds."""
+        # Park the other model first, so its memory is free before this one loads or moves in.
         if mode == "image":
-            seconds = self.load_sdxl()
             if not self.placement.keep_both:
                 self._park_wan()
+            seconds = self.load_sdxl()
             if self.base.device != self.device:
                 self.base.to(self.device)
                 self.refiner.to(self.device)
             return seconds
-        seconds = self.load_wan()
         if not self.placement.keep_both:
             self._park_sdxl()
+        seconds = self.load_wan()
         if self.placement.wan_profile == "full" and self.wan.device != self.device:
             self.wan.to(self.device)
         return seconds
@@ -291,7 +290,7 @@ class ModelHandler:
     def generate_images(self, p: dict[str, Any], init_image: Image.Image | None,
                         progress: Progress) -> tuple[list[Image.Image], dict[str, float]]:
         """SDXL base + refiner as an ensemble of experts, or refiner img2img when an image is given."""
-        load_s = self._prepare("image")
+        load_s = self.prepare("image")
         loras = job_loras(p, self.settings)
         lora_s = self._use_loras("sdxl", loras)
         self.base.scheduler = make_scheduler(p["scheduler"], self.base.scheduler.config)
@@ -330,7 +329,7 @@ class ModelHandler:
         """Wan2.1 image-to-video; `image` is already resized to p["width"] x p["height"]."""
         from diffusers import UniPCMultistepScheduler
 
-        load_s = self._prepare("video")
+        load_s = self.prepare("video")
         loras = job_loras(p, self.settings)  # with preset "fast", its step-distilled LoRA first
         lora_s = self._use_loras("wan", loras)
         self.wan.scheduler = UniPCMultistepScheduler.from_config(self.wan.scheduler.config, flow_shift=p["flow_shift"])
