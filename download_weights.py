@@ -8,7 +8,10 @@ Tiny stand-ins (fully offline, a few MB, used by the demo and the tests):
 
 Real weights land in the Hugging Face cache (HF_HOME, e.g. /runpod-volume/huggingface-cache
 on a RunPod network volume) or, with --dir, in one folder per model; the worker then finds
-them through SDXL_MODEL_ID / SDXL_REFINER_ID / SDXL_VAE_ID / WAN_MODEL_ID (hub ids or folders).
+them through SDXL_MODEL_ID / SDXL_REFINER_ID / SDXL_VAE_ID / WAN_MODEL_ID (hub ids or folders)
+or MODEL_DIR. With --dir, Wan's transformer and text encoder, which the hub stores in float32
+(90.1 GB in all), are re-saved in bf16, the dtype the worker runs them in (47 GB): every cold
+start then reads half the bytes. `--compact DIR/wan-i2v` does that for a folder fetched earlier.
 The tiny models mirror the real repositories' layout (model_index.json, one subfolder per
 component, fp16 variant files for SDXL) so the worker's real loading code runs on them.
 """
@@ -16,6 +19,8 @@ component, fp16 variant files for SDXL) so the worker's real loading code runs o
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +46,9 @@ REAL_MODELS: dict[str, dict] = {
     },
 }
 GROUPS = {"sdxl": ["sdxl-base", "sdxl-refiner", "sdxl-vae"], "wan": ["wan-i2v"]}
+# Wan components the worker runs in bf16 but the hub stores in float32; the others stay as stored
+# (the VAE and CLIP image encoder run in float32, as the model card says).
+COMPACT_COMPONENTS = ("transformer", "text_encoder")
 
 
 def with_retries(fn: Callable[[], str], what: str, tries: int = 5, first_wait_s: float = 5.0) -> str:
@@ -57,6 +65,60 @@ def with_retries(fn: Callable[[], str], what: str, tries: int = 5, first_wait_s:
     raise AssertionError("unreachable")
 
 
+def float32_share(folder: Path) -> float:
+    """Fraction of a component's safetensors bytes stored as float32, read from the file headers only."""
+    from safetensors import safe_open
+
+    sizes = {"F32": 0, "other": 0}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                numel = 1
+                for dim in sl.get_shape():
+                    numel *= dim
+                dtype = sl.get_dtype()
+                sizes["F32" if dtype == "F32" else "other"] += numel * (4 if dtype == "F32" else 2)
+    total = sum(sizes.values())
+    return sizes["F32"] / total if total else 0.0
+
+
+def compact_wan(folder: Path) -> list[str]:
+    """Re-save Wan's transformer and UMT5 encoder in bf16, as the worker loads them; returns what changed.
+
+    from_pretrained(dtype=bfloat16) then save_pretrained writes exactly the tensors the worker would
+    hold, including the few modules the model class keeps in float32. A component already mostly
+    bf16 is left alone, so running this again costs nothing.
+    """
+    import torch
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    classes = {"transformer": WanTransformer3DModel, "text_encoder": UMT5EncoderModel}
+    changed = []
+    for sub in COMPACT_COMPONENTS:
+        src = folder / sub
+        if float32_share(src) < 0.5:  # compact already: only the kept-in-float32 modules are float32
+            continue
+        start = time.perf_counter()
+        model = classes[sub].from_pretrained(str(src), dtype=torch.bfloat16)
+        tmp, old = src.with_name(sub + ".bf16-tmp"), src.with_name(sub + ".fp32-old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp), max_shard_size="5GB")
+        del model
+        src.rename(old)  # swap, then delete: a crash in between leaves one complete copy
+        tmp.rename(src)
+        shutil.rmtree(old)
+        changed.append(sub)
+        print(f"{folder.name}/{sub}: re-saved in bf16 in {time.perf_counter() - start:.0f}s", flush=True)
+    return changed
+
+
+def is_compact_wan(folder: Path) -> bool:
+    return (folder / "model_index.json").exists() and all(
+        (folder / sub).is_dir() and float32_share(folder / sub) < 0.5 for sub in COMPACT_COMPONENTS)
+
+
 def download_real(names: list[str], target_dir: Path | None) -> dict[str, str]:
     """Download the named real models; returns name -> local path (the value to put in the env var)."""
     from huggingface_hub import snapshot_download
@@ -65,6 +127,11 @@ def download_real(names: list[str], target_dir: Path | None) -> dict[str, str]:
     for name in names:
         spec = REAL_MODELS[name]
         local_dir = str(target_dir / name) if target_dir else None
+        if name == "wan-i2v" and target_dir and is_compact_wan(target_dir / name):
+            # The hub's files differ from the compacted ones, so fetching again would re-download 90 GB.
+            print(f"{name}: {local_dir} is complete and compacted already; delete it to fetch again", flush=True)
+            paths[name] = local_dir
+            continue
         paths[name] = with_retries(
             lambda spec=spec, local_dir=local_dir: snapshot_download(
                 spec["repo_id"], allow_patterns=spec["allow_patterns"], local_dir=local_dir
@@ -72,6 +139,8 @@ def download_real(names: list[str], target_dir: Path | None) -> dict[str, str]:
             spec["repo_id"],
         )
         print(f"{name}: {paths[name]}", flush=True)
+        if name == "wan-i2v" and target_dir:
+            compact_wan(target_dir / name)
     return paths
 
 
@@ -232,9 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", metavar="DIR", type=Path, help="build tiny random models into DIR (offline)")
     parser.add_argument("--only", choices=sorted(GROUPS), help="fetch only SDXL or only Wan")
     parser.add_argument("--dir", type=Path, help="download into DIR/<model> instead of the HF cache")
+    parser.add_argument("--compact", metavar="WAN_DIR", type=Path,
+                        help="re-save a downloaded Wan folder's float32 transformer and text encoder in bf16")
     args = parser.parse_args(argv)
     if args.tiny:
         build_tiny(args.tiny)
+        return 0
+    if args.compact:
+        if not (args.compact / "model_index.json").exists():
+            parser.error(f"--compact {str(args.compact)!r} is not a Wan model folder (no model_index.json)")
+        print(json.dumps({"compacted": compact_wan(args.compact)}))
         return 0
     names = GROUPS[args.only] if args.only else [n for group in GROUPS.values() for n in group]
     paths = download_real(names, args.dir)

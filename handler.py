@@ -39,7 +39,7 @@ def configure(settings: Settings) -> ModelHandler:
     global _settings, _models
     model_fields = ("sdxl_model_id", "sdxl_refiner_id", "sdxl_vae_id", "wan_model_id", "gpu_headroom_gib",
                     "memory_profile", "gpu_memory_gib", "wan_fp8", "wan_compile", "sdxl_compile", "sdxl_fuse_qkv",
-                    "attention_backend", "wan_load_to_gpu")
+                    "attention_backend", "wan_load_to_gpu", "wan_vae_dtype")
     if _models is None or any(getattr(_models.settings, f) != getattr(settings, f) for f in model_fields):
         _models = ModelHandler(settings)
     _models.settings = settings  # options read per job (LoRA cache, fusing) follow the new settings
@@ -140,7 +140,7 @@ def _video_job(job: dict[str, Any], p: dict[str, Any], settings: Settings, model
     image = image.resize((p["width"], p["height"]))
     frames, timings = models.generate_video(p, image, _progress(job, settings))
     start = time.perf_counter()
-    mp4 = frames_to_mp4(frames, p["fps"])
+    mp4 = frames_to_mp4(frames, p["fps"], preset=settings.mp4_preset)
     timings["encode_s"] = time.perf_counter() - start
     urls, warnings = _deliver([Artifact(mp4, "video/mp4", "video.mp4")], job, p, settings, timings)
     result = {"video": urls[0], "seed": p["seed"], "width": p["width"], "height": p["height"],
@@ -215,13 +215,15 @@ def main() -> None:
     RunPodLogger().set_level(settings.runpod_log_level)
     models = configure(settings)
     log.info("worker settings: %s", settings)
-    # With compilation on, Wan loads and compiles at start-up so that no user job pays for it.
-    preload = set(settings.preload) | ({"wan"} if settings.wan_compile else set())
+    # With compilation on, the model loads and compiles at start-up so that no user job pays for it.
+    compiled = {"wan": settings.wan_compile, "sdxl": settings.sdxl_compile}
+    preload = set(settings.preload) | {name for name, on in compiled.items() if on}
     for name in sorted(preload):
+        mode = "image" if name == "sdxl" else "video"
         try:
-            models.prepare("image" if name == "sdxl" else "video")  # parks the other model if both do not fit
-            if name == "wan" and settings.wan_compile:
-                models.warm_up()
+            models.prepare(mode)  # parks the other model if both do not fit
+            if compiled[name]:
+                models.warm_up(mode)
         except GenerationError as err:  # keep serving: each job will report the same clear error
             log.error("preload of %s failed: %s", name, err)
     local_test = "--rp_serve_api" not in sys.argv and not settings.on_runpod

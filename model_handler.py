@@ -3,10 +3,10 @@
 Nothing loads at import or construction: SDXL loads on the first image job and Wan on the
 first video job (or at start-up through PRELOAD_MODELS), then both stay. On a GPU the
 model-card dtypes apply (SDXL fp16 with the fp16-fix VAE; Wan transformer and UMT5 in
-bf16, its CLIP image encoder and VAE in fp32); on CPU everything runs in float32, the
-same code path. When both models cannot be resident on the GPU at once, the one not
-needed is parked in CPU memory before the other runs, and Wan falls back to diffusers'
-model CPU offload if it cannot fit alone.
+bf16, its CLIP image encoder and VAE in fp32, the VAE in bf16 with WAN_VAE_DTYPE); on CPU
+everything else runs in float32, the same code path. When both models cannot be resident
+on the GPU at once, the one not needed is parked in CPU memory before the other runs, and
+Wan falls back to diffusers' model CPU offload or group offload if it cannot fit alone.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +124,7 @@ class ModelHandler:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.base = self.refiner = self.wan = None
         self._loras: dict[str, PipelineLoras] = {}  # "sdxl" / "wan": adapters loaded into that pipeline
+        self._warming_up = False  # compilation is allowed only then (see _compiled_only)
         if self.device.type == "cuda":
             total = settings.gpu_memory_gib or torch.cuda.get_device_properties(self.device).total_memory / GIB
             self.placement = plan_placement(total, settings.gpu_headroom_gib, settings.memory_profile, settings.wan_fp8)
@@ -157,12 +158,16 @@ class ModelHandler:
         for pipe in (base, refiner):
             pipe.set_progress_bar_config(disable=True)
             pipe.unet.set_attention_backend(self.attention_backend)
-            if s.sdxl_compile:
-                pipe.unet.compile_repeated_blocks(fullgraph=True)
         self.base, self.refiner = base.to(self.device), refiner.to(self.device)
         if s.sdxl_fuse_qkv:  # on the device: concatenating fp16 weights on the CPU took seconds
             for pipe in (base, refiner):
                 pipe.unet.fuse_qkv_projections()
+        if s.sdxl_compile:
+            # The eager UNet keeps the GPU busy ~40% of a step: kernel launches dominate at 1024x1024.
+            # Whole-UNet compilation with CUDA graphs removes them (13.4 -> 27.0 it/s, benchmarks/RESULTS.md).
+            # Compiled in place, so pipe.unet stays the UNet (LoRA loading, config) and only its call changes.
+            for pipe in (base, refiner):
+                pipe.unet.compile(mode="reduce-overhead", fullgraph=True)
         seconds = time.perf_counter() - start
         log.info("SDXL loaded on %s in %.1f s", self.device, seconds)
         return seconds
@@ -182,10 +187,12 @@ class ModelHandler:
         direct = (self.settings.wan_load_to_gpu and self.device.type == "cuda"
                   and self.placement.wan_profile == "full" and not self.settings.wan_fp8)
         where = {"device_map": str(self.device)} if direct else {}
+        # The VAE may run in bf16 (WAN_VAE_DTYPE), on CPU too, so the tests run the same switch.
+        vae_dtype = getattr(torch, self.settings.wan_vae_dtype)
         with _missing_weights("WAN_MODEL_ID", model_id, "wan"):
             # The model card's recipe, component by component: image encoder and VAE in float32.
             components = {
-                "image_encoder": (CLIPVisionModel, torch.float32), "vae": (AutoencoderKLWan, torch.float32),
+                "image_encoder": (CLIPVisionModel, torch.float32), "vae": (AutoencoderKLWan, vae_dtype),
                 "text_encoder": (UMT5EncoderModel, low), "transformer": (WanTransformer3DModel, low)}
             loaded = {name: cls.from_pretrained(model_id, subfolder=name, dtype=dtype, local_files_only=True, **where)
                       for name, (cls, dtype) in components.items()}
@@ -217,8 +224,8 @@ class ModelHandler:
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
         self.wan = pipe
         seconds = time.perf_counter() - start
-        log.info("Wan2.1 I2V loaded on %s in %.1f s (profile %s, fp8 %s, compile %s)", self.device, seconds,
-                 profile, self.settings.wan_fp8, self.settings.wan_compile)
+        log.info("Wan2.1 I2V loaded on %s in %.1f s (profile %s, fp8 %s, compile %s, VAE %s)", self.device, seconds,
+                 profile, self.settings.wan_fp8, self.settings.wan_compile, self.settings.wan_vae_dtype)
         return seconds
 
     # ---------------------------------------------------------------- placement
@@ -253,16 +260,29 @@ class ModelHandler:
             self.wan.to(self.device)
         return seconds
 
-    def warm_up(self, height: int = 480, width: int = 832, num_frames: int = 81) -> float:
-        """Run a 2-step video at the default shape so compilation happens before the first user job."""
-        from schemas import VIDEO_FIELDS
+    def warm_up(self, mode: str) -> float:
+        """Run a short job of the mode at its default shape, so compilation happens before any user job.
+
+        Video: 2 steps at 480x832, 81 frames. Image: 1024x1024, 4 base + 2 refiner steps, enough
+        for the CUDA graphs of both UNets to be recorded. Other shapes run eager (see _compiled_only).
+        """
+        from schemas import IMAGE_FIELDS, VIDEO_FIELDS
 
         start = time.perf_counter()
-        p = {name: param.default for name, param in VIDEO_FIELDS.items()}
-        p.update(prompt="warm-up", seed=0, height=height, width=width, num_frames=num_frames, num_inference_steps=2)
-        self.generate_video(p, Image.new("RGB", (width, height)), lambda *_: None)
+        self._warming_up = True
+        try:
+            if mode == "video":
+                p = {name: param.default for name, param in VIDEO_FIELDS.items()}
+                p.update(prompt="warm-up", seed=0, num_inference_steps=2)
+                self.generate_video(p, Image.new("RGB", (p["width"], p["height"])), lambda *_: None)
+            else:
+                p = {name: param.default for name, param in IMAGE_FIELDS.items()}
+                p.update(prompt="warm-up", seed=0, num_inference_steps=5, refiner_inference_steps=10)
+                self.generate_images(p, None, lambda *_: None)
+        finally:
+            self._warming_up = False
         seconds = time.perf_counter() - start
-        log.info("Wan warm-up at %dx%d, %d frames took %.1f s", width, height, num_frames, seconds)
+        log.info("%s warm-up at %dx%d took %.1f s", mode, p["width"], p["height"], seconds)
         return seconds
 
     # ------------------------------------------------------------------ LoRAs
@@ -299,8 +319,9 @@ class ModelHandler:
         common = dict(prompt=p["prompt"], negative_prompt=p["negative_prompt"], guidance_scale=p["guidance_scale"],
                       num_images_per_prompt=p["num_images"], generator=generator)
         start = time.perf_counter()
-        with _friendly_oom(f"{p['num_images']} image(s) of {p['width']}x{p['height']}",
-                           "fewer images or a smaller size"):
+        what = f"{p['num_images']} image(s) of {p['width']}x{p['height']}"
+        oom = _friendly_oom(what, "fewer images or a smaller size")
+        with oom, _compiled_only(self.settings.sdxl_compile and not self._warming_up):
             if init_image is not None:
                 total = int(p["refiner_inference_steps"] * p["strength"])
                 with lora_disabled(self.refiner.text_encoder_2):  # shared with the base; LoRAs are base-only
@@ -366,6 +387,16 @@ def _step_cache(transformer: torch.nn.Module, p: dict[str, Any]) -> Iterator[Non
         yield
     finally:
         transformer.disable_cache()
+
+
+def _compiled_only(enabled: bool):
+    """Within a user job, code the warm-up did not compile runs eager instead of compiling.
+
+    A whole-UNet compile takes minutes: a request at another size, with several images or with a
+    LoRA (new modules) would otherwise stall on it. Off during warm_up (whose first compile this
+    stance would skip too) and with SDXL_COMPILE off.
+    """
+    return torch.compiler.set_stance("eager_on_recompile") if enabled else nullcontext()
 
 
 def _fp8_capable(device: torch.device) -> bool:

@@ -19,6 +19,7 @@ DEFAULT_SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_SDXL_REFINER_ID = "stabilityai/stable-diffusion-xl-refiner-1.0"
 DEFAULT_SDXL_VAE_ID = "madebyollin/sdxl-vae-fp16-fix"
 DEFAULT_WAN_MODEL_ID = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 BUCKET_VARS = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY")
 
 
@@ -64,7 +65,8 @@ class Settings:
     wan_fp8: bool = False  # torchao float8 weights+activations for the transformer's block linears
     wan_compile: bool = False  # regional torch.compile of the Wan transformer blocks, warmed up at start
     wan_load_to_gpu: bool = True  # load Wan's safetensors straight into GPU memory (profile "full")
-    sdxl_compile: bool = False  # regional torch.compile of the SDXL UNets' transformer blocks
+    wan_vae_dtype: str = "float32"  # the model card's; bfloat16 halves the VAE's encode + decode time
+    sdxl_compile: bool = False  # whole-UNet torch.compile with CUDA graphs, warmed up at start-up
     sdxl_fuse_qkv: bool = False  # one fused QKV projection per attention layer in the SDXL UNets
     attention_backend: str = "auto"  # diffusers attention backend; auto picks by what is importable
     # runpod's own logger defaults to DEBUG, which prints whole job inputs (megabytes of base64).
@@ -72,6 +74,7 @@ class Settings:
     # Set by RunPod on its workers; without it the worker runs locally (test_input / local API).
     on_runpod: bool = False
     local_output_dir: str = "outputs"  # where local test runs write their media
+    mp4_preset: str = "veryfast"  # x264 speed preset; at CRF 18 slower presets mostly buy smaller files
     # LoRAs (loras.py): downloads are cached on disk by source; least recently used files are evicted.
     lora_cache_dir: str = str(Path(tempfile.gettempdir()) / "lora-cache")
     lora_cache_bytes: int = 20 * 1024**3
@@ -217,6 +220,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     if profile not in ("auto", "full", "offload", "lowvram"):
         raise SettingsError(f"MEMORY_PROFILE must be auto, full, offload or lowvram, got {profile!r}.")
     gpu_memory = _float(env, "GPU_MEMORY_GIB", 0.0) or None
+    vae_dtype = env.get("WAN_VAE_DTYPE", "").strip() or Settings.wan_vae_dtype
+    if vae_dtype not in ("float32", "bfloat16"):
+        raise SettingsError(f"WAN_VAE_DTYPE must be float32 or bfloat16, got {vae_dtype!r}.")
+    mp4_preset = env.get("MP4_PRESET", "").strip() or Settings.mp4_preset
+    if mp4_preset not in X264_PRESETS:
+        raise SettingsError(f"MP4_PRESET must be one of {', '.join(X264_PRESETS)}, got {mp4_preset!r}.")
     return Settings(
         sdxl_model_id=_model_location(env, "SDXL_MODEL_ID", "sdxl-base", DEFAULT_SDXL_MODEL_ID),
         sdxl_refiner_id=_model_location(env, "SDXL_REFINER_ID", "sdxl-refiner", DEFAULT_SDXL_REFINER_ID),
@@ -235,11 +244,13 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         wan_fp8=_flag(env, "WAN_FP8"),
         wan_compile=_flag(env, "WAN_COMPILE"),
         wan_load_to_gpu=_flag(env, "WAN_LOAD_TO_GPU", default=True),
+        wan_vae_dtype=vae_dtype,
         sdxl_compile=_flag(env, "SDXL_COMPILE"),
         sdxl_fuse_qkv=_flag(env, "SDXL_FUSE_QKV"),
         attention_backend=env.get("ATTENTION_BACKEND", "").strip() or "auto",
         runpod_log_level=env.get("RUNPOD_LOG_LEVEL") or env.get("RUNPOD_DEBUG_LEVEL") or "INFO",
         on_runpod=bool(env.get("RUNPOD_WEBHOOK_GET_JOB")),
         local_output_dir=env.get("LOCAL_OUTPUT_DIR") or "outputs",
+        mp4_preset=mp4_preset,
         **_lora_settings(env),
     )

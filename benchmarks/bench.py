@@ -55,7 +55,7 @@ IMAGE_PROMPT = "A lighthouse on a rocky coast at dusk, dramatic clouds, highly d
 VIDEO_TARGET_STEPS = 40  # the worker's default (official I2V setting)
 IMAGE_TARGET_STEPS = (25, 50)  # the worker's defaults: base num_inference_steps, refiner_inference_steps
 HIGH_NOISE_FRAC = 0.8
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: Wan transformer and UMT5 in 5 GB shards
 # Emulated cards: the total memory such a card reports (GiB). 24 GB: RTX 4090 / A5000 (23.6-24.0),
 # 48 GB: L40S / A40 (44.4) and RTX A6000 (47.5) -> the smaller; 80 GB: A100 / H100 80GB (79.2-79.6).
 CARDS = {"24": 23.6, "48": 44.4, "80": 79.2}
@@ -396,11 +396,11 @@ def build_component(kind: str, cfg: dict, dtype, device: str, seed: int):
     return model
 
 
-def _save(model, folder: Path, variant: str | None) -> tuple[int, float]:
+def _save(model, folder: Path, variant: str | None, shard: str | None = None) -> tuple[int, float]:
     if folder.exists():
         shutil.rmtree(folder)
     start = time.perf_counter()
-    model.save_pretrained(str(folder), variant=variant)
+    model.save_pretrained(str(folder), variant=variant, **({"max_shard_size": shard} if shard else {}))
     return sum(p.numel() for p in model.parameters()), time.perf_counter() - start
 
 
@@ -426,7 +426,9 @@ def build_group(group: str, workdir: Path, size: str, device: str, log: Callable
             t0 = time.perf_counter()
             model = build_component(kind, cfgs[kind], dtype, device, seed=100 + i)
             init_s = time.perf_counter() - t0
-            params, save_s = _save(model, root / sub, None)
+            # Shards of at most 5 GB, as download_weights.compact_wan writes the hub's transformer (14 float32
+            # shards there) and UMT5 (5): what the worker reads at a cold start after `download_weights --dir`.
+            params, save_s = _save(model, root / sub, None, "5GB" if sub in ("transformer", "text_encoder") else None)
             del model
             release_gpu()
             record["components"][sub] = {"params_B": params / 1e9, "dtype": str(dtype).replace("torch.", ""),
@@ -1141,6 +1143,18 @@ class Bench:
                "cached_read_s": warm_s, "cached_gb_per_s": n / warm_s / 1e9 if warm_s else None}
         if looks_cached(cold_s, warm_s):
             rec["warning"] = "the 'cold' read was about as fast as the cached one: the eviction probably failed"
+        shards = sorted((self.workdir / "wan-i2v" / "transformer").glob("*.safetensors"))
+        if len(shards) > 1:  # the same number of bytes again, spread over the shards and read concurrently
+            from concurrent.futures import ThreadPoolExecutor
+
+            evict_page_cache(shards, self.drop_caches)
+            start = time.perf_counter()
+            with ThreadPoolExecutor(len(shards)) as pool:
+                parts = list(pool.map(lambda p: read_speed(p, limit // len(shards)), shards))
+            seconds = time.perf_counter() - start
+            rec["parallel"] = {"files": len(shards), "threads": len(shards), "bytes_read": sum(n for n, _ in parts),
+                               "cold_gb_per_s": sum(n for n, _ in parts) / seconds / 1e9}
+            self.log(f"disk: {len(shards)} files read at once: {rec['parallel']['cold_gb_per_s']:.2f} GB/s")
         if not self.plan.evict_loads:
             read_speed(path, path.stat().st_size)  # leave the whole file cached, as the loads that follow expect
         self.results["disk"].update(rec)
@@ -1247,6 +1261,10 @@ class Bench:
             seconds, load = measure_load(tracker, models.load_sdxl, sum(p.stat().st_size for p in files), cache)
             load["worker_reported_s"] = seconds
             load["placement"] = dataclasses.asdict(models.placement)
+            if models.settings.sdxl_compile:  # as handler.main does at start-up
+                start = time.perf_counter()
+                models.warm_up("image")
+                load["warm_up_s"] = time.perf_counter() - start
             self._loads("worker")["sdxl"] = load
             self.log(f"worker SDXL load {load['wall_s']:.1f}s ({load['gb_per_s']:.2f} GB/s)")
             hook_sdxl(tracker, models.base, models.refiner)
@@ -1304,7 +1322,7 @@ class Bench:
             load["placement"] = dataclasses.asdict(models.placement)
             if settings.wan_compile:  # as handler.main does at start-up: compile before the first user job
                 start = time.perf_counter()
-                models.warm_up()
+                models.warm_up("video")
                 load["warm_up_s"] = time.perf_counter() - start
             self._loads("worker")["wan"] = load
             self.learn({}, load)
@@ -1736,6 +1754,10 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| disk | sequential read GB/s, page cache evicted ({_fmt(disk.get('bytes_read', 0) / 1e9, 1)} "
                      f"GB) | {_fmt(disk.get('cold_gb_per_s'))} | | |")
         lines.append(f"| disk | same read from the page cache GB/s | {_fmt(disk.get('cached_gb_per_s'))} | | |")
+        if disk.get("parallel"):
+            par = disk["parallel"]
+            lines.append(f"| disk | {par['files']} shards read at once GB/s, page cache evicted | "
+                         f"{_fmt(par.get('cold_gb_per_s'))} | | |")
     # Per-phase peaks
     phase_rows = []
     for impl, group in (("worker", worker), ("plain", plain)):

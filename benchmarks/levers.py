@@ -4,8 +4,9 @@ For one Wan2.1-I2V-14B transformer forward at 480x832, 81 frames (32,760 tokens)
 PyTorch SDPA (the reference), cuDNN attention, regional compile, and the worker's own float8
 quantization (model_handler._quantize_fp8) eager and compiled, each with its relative error
 against the bf16 eager output. Then the same float8 switch on the tiny model through the worker
-(output error against bf16), and SDXL UNet steps per second at 1024x1024 with CFG: eager,
-regional compile and whole-UNet compile. Prints a markdown table; writes OUT/levers.json.
+(output error against bf16), Wan's VAE in float32 against bfloat16 (time and error), and SDXL UNet
+steps per second at 1024x1024 with CFG: eager, regional compile and whole-UNet compile. Prints a
+markdown table; writes OUT/levers.json.
 
     python benchmarks/levers.py [--out DIR] [--budget-s 540]
 """
@@ -13,6 +14,7 @@ regional compile and whole-UNet compile. Prints a markdown table; writes OUT/lev
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -152,6 +154,32 @@ def tiny_fp8(out: Path) -> None:
     dump(out)
 
 
+def wan_vae(out: Path) -> None:
+    """Wan's VAE at 480x832 x 81 frames: float32 (the model card) against bfloat16 (WAN_VAE_DTYPE)."""
+    res = RESULTS.setdefault("wan_vae", {})
+    vae = build_component("wan_vae", CONFIGS["full"]["wan_vae"], torch.float32, "cuda", seed=3)
+    g = torch.Generator("cuda").manual_seed(0)
+    # I2V encodes the input image followed by 80 blank frames; random pixels here, so nothing is trivially zero.
+    video = torch.rand(1, 3, 81, 480, 832, device="cuda", generator=g) * 2 - 1
+    latents = torch.randn(1, 16, 21, 60, 104, device="cuda", generator=g)
+    outs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        vae.to(dtype)
+        name = str(dtype).replace("torch.", "")
+        with torch.no_grad():
+            enc = functools.partial(lambda x: vae.encode(x).latent_dist.mode(), video.to(dtype))
+            dec = functools.partial(lambda z: vae.decode(z, return_dict=False)[0], latents.to(dtype))
+            res[f"{name}_encode_s"] = timed(enc, n=2)
+            res[f"{name}_decode_s"] = timed(dec, n=2)
+            outs[name] = (enc().float(), dec().float())
+        log(f"Wan VAE {name}: encode {res[f'{name}_encode_s']:.2f}s, decode {res[f'{name}_decode_s']:.2f}s")
+    res["bf16_encode_rel_err"] = rel(outs["bfloat16"][0], outs["float32"][0])
+    res["bf16_decode_rel_err"] = rel(outs["bfloat16"][1], outs["float32"][1])
+    log(f"Wan VAE bf16 vs fp32 rel err: encode {res['bf16_encode_rel_err']:.4f}, "
+        f"decode {res['bf16_decode_rel_err']:.4f}")
+    dump(out)
+
+
 def sdxl_unet(out: Path, budget_s: float, stages: tuple[str, ...] = ()) -> None:
     res = RESULTS.setdefault("sdxl_unet", {})
     unet = build_component("sdxl_unet", CONFIGS["full"]["sdxl_unet"], torch.float16, "cuda", seed=1)
@@ -215,6 +243,15 @@ def table() -> str:
         if key in w and ref:
             e = f"{w[err]:.4f}" if err and err in w else ""
             rows.append(f"| {label} | {w[key]:.3f} | {ref / w[key]:.2f}x | {e} |")
+    v = RESULTS.get("wan_vae", {})
+    if "float32_decode_s" in v:
+        rows += ["", "| Wan VAE, 480x832 x 81 frames | encode s | decode s | rel. error vs float32 (enc / dec) |",
+                 "|---|---|---|---|"]
+        for name in ("float32", "bfloat16"):
+            err = (f"{v['bf16_encode_rel_err']:.4f} / {v['bf16_decode_rel_err']:.4f}"
+                   if name == "bfloat16" and "bf16_decode_rel_err" in v else "")
+            rows.append(f"| {name} | {v.get(name + '_encode_s', float('nan')):.2f} | "
+                        f"{v.get(name + '_decode_s', float('nan')):.2f} | {err} |")
     rows += ["", "| SDXL UNet 1024x1024, CFG batch 2, fp16 | it/s |", "|---|---|"]
     for label, key in [("eager", "eager_it_s"), ("regional compile", "regional_compiled_it_s"),
                        ("cuDNN attention", "cudnn_attention_it_s"), ("fused QKV projections", "fused_qkv_it_s"),
@@ -234,6 +271,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stages = args.only.split(",")
     for name, fn in (("wan", lambda: wan_forward(args.out, args.budget_s)), ("tiny", lambda: tiny_fp8(args.out)),
+                     ("vae", lambda: wan_vae(args.out)),
                      ("sdxl", lambda: sdxl_unet(args.out, args.budget_s, tuple(stages)))):
         if name in stages:
             try:
