@@ -260,11 +260,12 @@ class ModelHandler:
             self.wan.to(self.device)
         return seconds
 
-    def warm_up(self, mode: str) -> float:
+    def warm_up(self, mode: str, **shape: int) -> float:
         """Run a short job of the mode at its default shape, so compilation happens before any user job.
 
         Video: 2 steps at 480x832, 81 frames. Image: 1024x1024, 4 base + 2 refiner steps, enough
         for the CUDA graphs of both UNets to be recorded. Other shapes run eager (see _compiled_only).
+        `shape` (height, width, num_frames) overrides the default shape (the CPU tests use small ones).
         """
         from schemas import IMAGE_FIELDS, VIDEO_FIELDS
 
@@ -273,11 +274,11 @@ class ModelHandler:
         try:
             if mode == "video":
                 p = {name: param.default for name, param in VIDEO_FIELDS.items()}
-                p.update(prompt="warm-up", seed=0, num_inference_steps=2)
+                p.update(prompt="warm-up", seed=0, num_inference_steps=2, **shape)
                 self.generate_video(p, Image.new("RGB", (p["width"], p["height"])), lambda *_: None)
             else:
                 p = {name: param.default for name, param in IMAGE_FIELDS.items()}
-                p.update(prompt="warm-up", seed=0, num_inference_steps=5, refiner_inference_steps=10)
+                p.update(prompt="warm-up", seed=0, num_inference_steps=5, refiner_inference_steps=10, **shape)
                 self.generate_images(p, None, lambda *_: None)
         finally:
             self._warming_up = False
@@ -357,7 +358,8 @@ class ModelHandler:
         generator = torch.Generator("cpu").manual_seed(p["seed"])
         start = time.perf_counter()
         what = f"{p['num_frames']} frames of {p['width']}x{p['height']}"
-        with _friendly_oom(what, "fewer frames or a smaller size"), _step_cache(self.wan.transformer, p):
+        with (_friendly_oom(what, "fewer frames or a smaller size"), _step_cache(self.wan.transformer, p),
+              _compiled_only(self.settings.wan_compile and not self._warming_up)):
             frames = self.wan(
                 image=image, prompt=p["prompt"], negative_prompt=p["negative_prompt"], height=p["height"],
                 width=p["width"], num_frames=p["num_frames"], num_inference_steps=p["num_inference_steps"],
@@ -392,9 +394,10 @@ def _step_cache(transformer: torch.nn.Module, p: dict[str, Any]) -> Iterator[Non
 def _compiled_only(enabled: bool):
     """Within a user job, code the warm-up did not compile runs eager instead of compiling.
 
-    A whole-UNet compile takes minutes: a request at another size, with several images or with a
-    LoRA (new modules) would otherwise stall on it. Off during warm_up (whose first compile this
-    stance would skip too) and with SDXL_COMPILE off.
+    Compiling takes minutes (SDXL's whole UNets 3-4.5, Wan's float8 blocks up to 10 on an H100): a
+    request at another size, with several images or with unfused LoRAs (new modules) would stall on
+    it. So only the warmed-up shapes run compiled. Off during warm_up (whose first compile this
+    stance would skip too) and with the model's *_COMPILE switch off.
     """
     return torch.compiler.set_stance("eager_on_recompile") if enabled else nullcontext()
 

@@ -154,6 +154,41 @@ def tiny_fp8(out: Path) -> None:
     dump(out)
 
 
+def fp8_compile_cost(out: Path, layers: int = 4) -> None:
+    """Where the float8 + regional-compile warm-up time goes: each call's seconds and the graphs
+    dynamo compiled, on a full-width Wan transformer cut to a few blocks (the blocks are identical,
+    so one compiled block serves all unless something forces a recompile per block or per call)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from model_handler import _quantize_fp8
+
+    res = RESULTS.setdefault("fp8_compile_cost", {"layers": layers})
+    cfg = dict(CONFIGS["full"]["wan_transformer"], num_layers=layers)
+    tr = build_component("wan_transformer", cfg, torch.bfloat16, "cuda", seed=0)
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(1, 36, 21, 60, 104, device="cuda", dtype=torch.bfloat16, generator=g)
+    contexts = [torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2)]
+    img = torch.randn(1, 257, 1280, device="cuda", dtype=torch.bfloat16, generator=g)
+    _quantize_fp8(tr)
+    tr.compile_repeated_blocks(fullgraph=True)
+    dynamo_utils.counters.clear()
+    calls = []
+    # As the pipeline calls it: cond then uncond (other text embeddings) at two timesteps.
+    for step, t in enumerate((999, 970)):
+        for ctx in contexts:
+            start = time.perf_counter()
+            with torch.no_grad():
+                tr(hidden_states=x, timestep=torch.tensor([t], device="cuda"), encoder_hidden_states=ctx,
+                   encoder_hidden_states_image=img, return_dict=False)
+            torch.cuda.synchronize()
+            calls.append({"step": step, "s": time.perf_counter() - start,
+                          "graphs_so_far": dynamo_utils.counters["stats"]["unique_graphs"]})
+            log(f"fp8 compiled call: {calls[-1]}")
+    res["calls"] = calls
+    res["recompiles"] = {k: dict(v) for k, v in dynamo_utils.counters.items() if k in ("recompiles", "stats")}
+    dump(out)
+
+
 def wan_vae(out: Path) -> None:
     """Wan's VAE at 480x832 x 81 frames: float32 (the model card) against bfloat16 (WAN_VAE_DTYPE)."""
     res = RESULTS.setdefault("wan_vae", {})
@@ -271,7 +306,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stages = args.only.split(",")
     for name, fn in (("wan", lambda: wan_forward(args.out, args.budget_s)), ("tiny", lambda: tiny_fp8(args.out)),
-                     ("vae", lambda: wan_vae(args.out)),
+                     ("vae", lambda: wan_vae(args.out)), ("fp8compile", lambda: fp8_compile_cost(args.out)),
                      ("sdxl", lambda: sdxl_unet(args.out, args.budget_s, tuple(stages)))):
         if name in stages:
             try:

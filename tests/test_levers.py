@@ -91,6 +91,34 @@ def test_sdxl_compile_warms_up_the_default_size_and_runs_other_requests_eager(ti
     assert np.abs(compiled - eager).max() <= 2  # inductor's fused float32 kernels round differently
 
 
+def test_wan_compile_warms_up_its_shape_and_runs_other_shapes_eager(tiny_env):
+    """WAN_COMPILE=1: the warm-up compiles the transformer blocks at its shape; a job at that shape
+    gives the eager worker's video, a job at another shape runs eager instead of compiling again."""
+    import torch._dynamo.utils as dynamo_utils
+
+    job = {**VIDEO, "image_url": png_b64(seed=6)}
+    worker.configure(load_settings(tiny_env))
+    eager = _frames(worker.handler({"id": "eager", "input": job})).astype(np.int16)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    models = worker.configure(load_settings(tiny_env | {"WAN_COMPILE": "1"}))
+    try:
+        models.prepare("video")
+        models.warm_up("video", height=job["height"], width=job["width"], num_frames=job["num_frames"])
+        graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+        assert graphs >= 1
+        compiled = _frames(worker.handler({"id": "compiled", "input": job})).astype(np.int16)
+        other = _frames(worker.handler({"id": "other", "input": {**job, "height": 64, "width": 64,
+                                                                   "num_frames": 5}}))
+        assert other.shape == (5, 64, 64, 3)
+        assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs  # nothing compiled during the jobs
+    finally:
+        worker.configure(load_settings(tiny_env))
+        torch._dynamo.reset()
+    assert compiled.shape == eager.shape == (9, 64, 96, 3)
+    assert np.abs(compiled - eager).max() <= 2  # inductor's fused float32 kernels round differently
+
+
 def test_compaction_stores_wan_as_the_worker_loads_it(tiny_dir, tmp_path):
     """download_weights.compact_wan: float32 transformer and UMT5 re-saved in bf16; the weights a
     GPU worker would hold are unchanged, the files about halve, and a second run changes nothing."""

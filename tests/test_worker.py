@@ -261,13 +261,15 @@ def test_step_cache_skips_transformer_work_and_is_gone_after_the_job(run_job, ki
 
 
 def test_every_switch_that_runs_on_cpu_turned_on(tiny_env):
-    """Compilation, fused QKV, LoRA fusing, an explicit attention backend and the memory settings
-    (which a CPU ignores), plus float8 (ignored without an Ada/Hopper GPU): both modes still work."""
+    """Compilation, fused QKV, LoRA fusing, an explicit attention backend, the bf16 VAE, another x264
+    preset and the memory settings (which a CPU ignores), plus float8 (ignored without an Ada/Hopper
+    GPU): both modes still work."""
     from settings import load_settings
 
     settings = load_settings(tiny_env | {
         "WAN_COMPILE": "1", "SDXL_COMPILE": "1", "SDXL_FUSE_QKV": "1", "LORA_FUSE": "1", "WAN_FP8": "1",
-        "ATTENTION_BACKEND": "native", "MEMORY_PROFILE": "lowvram", "GPU_MEMORY_GIB": "24"})
+        "ATTENTION_BACKEND": "native", "MEMORY_PROFILE": "lowvram", "GPU_MEMORY_GIB": "24",
+        "WAN_VAE_DTYPE": "bfloat16", "MP4_PRESET": "ultrafast"})
     worker.configure(settings)
     try:
         refused = worker.handler({"id": "c", "input": {**VIDEO, "image_url": png_b64(), "step_cache": "first_block"}})
