@@ -216,14 +216,12 @@ def main() -> None:
     models = configure(settings)
     log.info("worker settings: %s", settings)
     # With compilation on, the model loads and compiles at start-up so that no user job pays for it.
-    compiled = {"wan": settings.wan_compile, "sdxl": settings.sdxl_compile}
-    preload = set(settings.preload) | {name for name, on in compiled.items() if on}
+    modes = {"sdxl": "image", "wan": "video"}
+    preload = set(settings.preload) | {name for name, mode in modes.items() if models.compiled(mode)}
     for name in sorted(preload):
-        mode = "image" if name == "sdxl" else "video"
         try:
-            models.prepare(mode)  # parks the other model if both do not fit
-            if compiled[name]:
-                models.warm_up(mode)
+            models.prepare(modes[name])  # parks the other model if both do not fit
+            models.compile_now(modes[name])
         except GenerationError as err:  # keep serving: each job will report the same clear error
             log.error("preload of %s failed: %s", name, err)
     local_test = "--rp_serve_api" not in sys.argv and not settings.on_runpod

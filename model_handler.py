@@ -260,6 +260,14 @@ class ModelHandler:
             self.wan.to(self.device)
         return seconds
 
+    def compiled(self, mode: str) -> bool:
+        """Whether the mode's model is compiled (WAN_COMPILE / SDXL_COMPILE)."""
+        return self.settings.sdxl_compile if mode == "image" else self.settings.wan_compile
+
+    def compile_now(self, mode: str) -> float | None:
+        """At start-up: warm up (and so compile) the mode's model when it is compiled; returns seconds or None."""
+        return self.warm_up(mode) if self.compiled(mode) else None
+
     def warm_up(self, mode: str, **shape: int) -> float:
         """Run a short job of the mode at its default shape, so compilation happens before any user job.
 
@@ -322,7 +330,7 @@ class ModelHandler:
         start = time.perf_counter()
         what = f"{p['num_images']} image(s) of {p['width']}x{p['height']}"
         oom = _friendly_oom(what, "fewer images or a smaller size")
-        with oom, _compiled_only(self.settings.sdxl_compile and not self._warming_up):
+        with oom, _compiled_only(self.compiled("image") and not self._warming_up):
             if init_image is not None:
                 total = int(p["refiner_inference_steps"] * p["strength"])
                 with lora_disabled(self.refiner.text_encoder_2):  # shared with the base; LoRAs are base-only
@@ -359,7 +367,7 @@ class ModelHandler:
         start = time.perf_counter()
         what = f"{p['num_frames']} frames of {p['width']}x{p['height']}"
         with (_friendly_oom(what, "fewer frames or a smaller size"), _step_cache(self.wan.transformer, p),
-              _compiled_only(self.settings.wan_compile and not self._warming_up)):
+              _compiled_only(self.compiled("video") and not self._warming_up)):
             frames = self.wan(
                 image=image, prompt=p["prompt"], negative_prompt=p["negative_prompt"], height=p["height"],
                 width=p["width"], num_frames=p["num_frames"], num_inference_steps=p["num_inference_steps"],

@@ -1261,10 +1261,7 @@ class Bench:
             seconds, load = measure_load(tracker, models.load_sdxl, sum(p.stat().st_size for p in files), cache)
             load["worker_reported_s"] = seconds
             load["placement"] = dataclasses.asdict(models.placement)
-            if models.settings.sdxl_compile:  # as handler.main does at start-up
-                start = time.perf_counter()
-                models.warm_up("image")
-                load["warm_up_s"] = time.perf_counter() - start
+            load["warm_up_s"] = models.compile_now("image")  # as handler.main does at start-up
             self._loads("worker")["sdxl"] = load
             self.log(f"worker SDXL load {load['wall_s']:.1f}s ({load['gb_per_s']:.2f} GB/s)")
             hook_sdxl(tracker, models.base, models.refiner)
@@ -1320,10 +1317,7 @@ class Bench:
             seconds, load = measure_load(tracker, models.load_wan, nbytes, cache)
             load["worker_reported_s"] = seconds
             load["placement"] = dataclasses.asdict(models.placement)
-            if settings.wan_compile:  # as handler.main does at start-up: compile before the first user job
-                start = time.perf_counter()
-                models.warm_up("video")
-                load["warm_up_s"] = time.perf_counter() - start
+            load["warm_up_s"] = models.compile_now("video")  # as handler.main does at start-up
             self._loads("worker")["wan"] = load
             self.learn({}, load)
             self.log(f"worker Wan load {load['wall_s']:.1f}s ({load['gb_per_s']:.2f} GB/s, {cache[:40]})")

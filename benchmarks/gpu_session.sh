@@ -36,7 +36,6 @@ run_step() {
     # The worker's own SDXL, warmed up as at start-up, against the plain model-card pipelines.
     sdxl-worker) cmd=(benchmarks/sdxl_speed.py --only worker --set SDXL_COMPILE=1) ;;
     sdxl-worker-fused) cmd=(benchmarks/sdxl_speed.py --only worker --set SDXL_COMPILE=1 --set SDXL_FUSE_QKV=1) ;;
-    image) cmd=(benchmarks/bench.py --quick --only image --budget-s 0 ${SDXL_SET:-}) ;;
     *) echo "unknown step $name" >> "$RES/progress.log"; return ;;
   esac
   [[ $name == levers-* ]] || cmd+=(--workdir "$W")

@@ -140,9 +140,8 @@ def worker(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     models.prepare("image")
     res["load_s"] = time.perf_counter() - start
-    if models.settings.sdxl_compile:
-        res["warm_up_s"] = models.warm_up("image")
-    with _compiled_only(models.settings.sdxl_compile):
+    res["warm_up_s"] = models.compile_now("image")
+    with _compiled_only(models.compiled("image")):
         res["worker_loop_it_s"] = loop_it_s(models.base, "DDIM")[0]  # the worker's default scheduler
     times = []
     for i in range(2):
@@ -152,7 +151,7 @@ def worker(args: argparse.Namespace) -> None:
             res["error"] = result["error"]
     res["worker_default_job_s"] = min(times)
     log(f"worker: {res['worker_loop_it_s']:.2f} it/s, default job {res['worker_default_job_s']:.2f}s "
-        f"(warm-up {res.get('warm_up_s', 0):.0f}s)")
+        f"(warm-up {res['warm_up_s'] or 0:.0f}s)")
     out.write_text(json.dumps(RESULTS, indent=1))
     print("| SDXL 1024x1024, CFG | plain diffusers | worker | worker/plain |\n|---|---|---|---|")
     print(f"| base denoising it/s | {res['plain_loop_it_s']:.2f} | {res['worker_loop_it_s']:.2f} | "
