@@ -3,8 +3,10 @@
 Real weights (needs the Hugging Face hub):
     python download_weights.py                      # SDXL base + refiner + fp16-fix VAE, Wan2.1 I2V
     python download_weights.py --only wan --dir /runpod-volume/models
-Tiny stand-ins (fully offline, a few MB, used by the demo and the tests):
+Random-weight stand-ins of the same classes (offline), tiny for the demo and the tests, or full size
+(the real architectures, ~61 GB, built on a GPU in about a minute) for benchmarks/:
     python download_weights.py --tiny models/tiny
+    python download_weights.py --random-full /tmp/bench-models [--only wan]
 
 Real weights land in the Hugging Face cache (HF_HOME, e.g. /runpod-volume/huggingface-cache
 on a RunPod network volume) or, with --dir, in one folder per model; the worker then finds
@@ -12,7 +14,7 @@ them through SDXL_MODEL_ID / SDXL_REFINER_ID / SDXL_VAE_ID / WAN_MODEL_ID (hub i
 or MODEL_DIR. With --dir, Wan's transformer and text encoder, which the hub stores in float32
 (90.1 GB in all), are re-saved in bf16, the dtype the worker runs them in (47 GB): every cold
 start then reads half the bytes. `--compact DIR/wan-i2v` does that for a folder fetched earlier.
-The tiny models mirror the real repositories' layout (model_index.json, one subfolder per
+The random models mirror the real repositories' layout (model_index.json, one subfolder per
 component, fp16 variant files for SDXL) so the worker's real loading code runs on them.
 """
 
@@ -145,9 +147,133 @@ def download_real(names: list[str], target_dir: Path | None) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------
-# Tiny random models. Sizes follow diffusers' own pipeline tests; the structure follows
-# the real checkpoints (DESIGN.md section 5).
+# Random-weight models of the real classes, in the real repositories' layout, so the worker's
+# own loading code runs on them. "tiny" (a few MB, CPU, offline) is what the tests and the demo
+# use; its sizes follow diffusers' own pipeline tests, and the tests compare its outputs with
+# plain diffusers bit for bit, so its configs and seeds stay as they are. "full" is the real
+# architecture: a forward pass costs the same whatever the weights hold, so it gives honest
+# speed and memory figures (benchmarks/). One table holds both sizes of every component.
 # --------------------------------------------------------------------------------------
+
+_CLIP_TEXT_TINY = dict(
+    bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
+    num_attention_heads=4, num_hidden_layers=2, vocab_size=200, max_position_embeddings=77, hidden_act="gelu",
+)
+_SDXL_UNET_TINY = dict(
+    block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), norm_num_groups=32,
+)
+_SDXL_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, force_upcast=False,
+)
+
+# component: its class ("library.Class", with the config class for transformers models), the seed it is
+# built with, the dtype the real repository stores it in (tiny models are built in float32, as before),
+# and its config at each size. Token ids of the full text encoders follow the tiny character tokenizers
+# (bos 0, eos 1): the tokenizers are the tiny ones at both sizes; speed does not depend on them.
+RANDOM_MODELS: dict[str, dict] = {
+    # madebyollin/sdxl-vae-fp16-fix (four blocks: spatial factor 8, as in SDXL).
+    "sdxl_vae": dict(cls="diffusers.AutoencoderKL", seed=0, dtype="float32",
+                     tiny=dict(_SDXL_VAE, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8,
+                               sample_size=128),
+                     full=dict(_SDXL_VAE, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                               norm_num_groups=32, sample_size=1024)),
+    # CLIP ViT-L text encoder and OpenCLIP bigG (with projection).
+    "clip_l": dict(cls="transformers.CLIPTextModel:CLIPTextConfig", seed=1, dtype="float16", tiny=_CLIP_TEXT_TINY,
+                   full=dict(_CLIP_TEXT_TINY, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                             num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu", vocab_size=49408)),
+    "clip_g": dict(cls="transformers.CLIPTextModelWithProjection:CLIPTextConfig", seed=2, dtype="float16",
+                   tiny=dict(_CLIP_TEXT_TINY, projection_dim=32),
+                   full=dict(_CLIP_TEXT_TINY, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                             num_attention_heads=20, projection_dim=1280, vocab_size=49408)),
+    # Base: time ids (6 x 256) + pooled text (1280) = 2816 (tiny: 6 x 8 + 32 = 80).
+    "sdxl_unet": dict(cls="diffusers.UNet2DConditionModel", seed=3, dtype="float16",
+                      tiny=dict(_SDXL_UNET_TINY, projection_class_embeddings_input_dim=80, cross_attention_dim=64),
+                      full=dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(320, 640, 1280),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                                transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=256,
+                                projection_class_embeddings_input_dim=2816)),
+    # Refiner: 5 time ids (aesthetic score) + pooled text; 4 levels, cross-attention in the middle two.
+    "refiner_unet": dict(cls="diffusers.UNet2DConditionModel", seed=4, dtype="float16",
+                         tiny=dict(_SDXL_UNET_TINY, projection_class_embeddings_input_dim=72, cross_attention_dim=32),
+                         full=dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                                   block_out_channels=(384, 768, 1536, 1536),
+                                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                                     "DownBlock2D"),
+                                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                                   "UpBlock2D"),
+                                   attention_head_dim=(6, 12, 24, 24), cross_attention_dim=1280,
+                                   transformer_layers_per_block=4, use_linear_projection=True,
+                                   addition_embed_type="text_time", addition_time_embed_dim=256,
+                                   projection_class_embeddings_input_dim=2560)),
+    "wan_vae": dict(cls="diffusers.AutoencoderKLWan", seed=10, dtype="float32",
+                    tiny=dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                              temperal_downsample=[False, True, True]),
+                    full={}),  # the class defaults are the real config
+    "umt5": dict(cls="transformers.UMT5EncoderModel:UMT5Config", seed=11, dtype="bfloat16",
+                 tiny=dict(vocab_size=200, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                           relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
+                 full=dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                           feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                           relative_attention_max_distance=128, dense_act_fn="gelu_new", is_gated_act=True,
+                           tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)),
+    # CLIP ViT-H/14 at 224: 256 patches + CLS = 257 tokens (tiny: image 32 / patch 2 gives the same count).
+    "clip_vision": dict(cls="transformers.CLIPVisionModel:CLIPVisionConfig", seed=12, dtype="float32",
+                        tiny=dict(hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=32, intermediate_size=16, patch_size=2),
+                        full=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                  num_attention_heads=16, patch_size=14, image_size=224, projection_dim=1024,
+                                  hidden_act="gelu")),
+    # The I2V transformer has image_dim (CLIP width) and added_kv_proj_dim (= its inner dim).
+    "wan_transformer": dict(cls="diffusers.WanTransformer3DModel", seed=13, dtype="bfloat16",
+                            tiny=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                      in_channels=36, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                                      num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                                      image_dim=4, added_kv_proj_dim=24, rope_max_seq_len=1024),
+                            full=dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128,
+                                      in_channels=36, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824,
+                                      num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                      eps=1e-6, image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024)),
+}
+WAN_IMAGE_PROCESSOR = {"tiny": dict(crop_size=32, size=32), "full": dict(crop_size=224, size=224)}
+GROUP_FOLDERS = {"sdxl": ("sdxl-base", "sdxl-refiner", "sdxl-vae"), "wan": ("wan-i2v",)}
+
+
+def random_component(name: str, size: str, device: str = "cpu"):
+    """One component with random weights: seeded, built directly on `device` in its stored dtype (full size)."""
+    import importlib
+
+    import torch
+
+    spec = RANDOM_MODELS[name]
+    module, _, classes = spec["cls"].partition(".")
+    model_cls, _, config_cls = classes.partition(":")
+    lib = importlib.import_module(module)
+    config = spec[size]
+    dtype = getattr(torch, spec["dtype"]) if size == "full" else torch.float32
+    torch.manual_seed(spec["seed"])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = getattr(lib, model_cls)(getattr(lib, config_cls)(**config)) if config_cls else \
+                getattr(lib, model_cls)(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    if size == "full":  # small weights keep 40 random layers' activations finite in bf16 / fp16
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() >= 2:
+                    param.normal_(0.0, 0.02)
+    return model
+
 
 def _clip_tokenizer():
     from transformers import CLIPTokenizer
@@ -171,22 +297,6 @@ def _t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def _sdxl_text_encoders(seed: int):
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    common = dict(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-        layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=200,
-        max_position_embeddings=77, hidden_act="gelu",
-    )
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**common))
-    torch.manual_seed(seed + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=32, **common))
-    return text_encoder, text_encoder_2
-
-
 def _sdxl_scheduler():
     from diffusers import EulerDiscreteScheduler
 
@@ -197,115 +307,108 @@ def _sdxl_scheduler():
     )
 
 
-def _sdxl_unet(refiner: bool, seed: int):
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    # Base: time ids (6 x 8) + pooled text (32) = 80; refiner: 5 time ids (aesthetic score) + 32 = 72.
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=72 if refiner else 80,
-        cross_attention_dim=32 if refiner else 64, norm_num_groups=32,
-    )
-
-
-def _sdxl_vae(seed: int):
-    import torch
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    # Four blocks like the real VAE, so the spatial factor is 8 as in SDXL.
-    return AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1, norm_num_groups=8, sample_size=128, scaling_factor=0.13025, force_upcast=False,
-    )
-
-
-def build_tiny_sdxl(out: Path) -> None:
+def _build_sdxl(out: Path, size: str, device: str) -> None:
     import torch
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    vae = _sdxl_vae(seed=0)
-    vae.save_pretrained(out / "sdxl-vae")
-    text_encoder, text_encoder_2 = _sdxl_text_encoders(seed=1)
+    vae = random_component("sdxl_vae", size, device)
+    vae.save_pretrained(out / "sdxl-vae")  # float32 file, as the fp16-fix repository
+    if size == "full":
+        vae.register_to_config(force_upcast=True)  # the base and refiner repositories' own VAE upcasts to decode
+    text_encoder_2 = random_component("clip_g", size, device)
     base = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=_clip_tokenizer(),
-        tokenizer_2=_clip_tokenizer(), unet=_sdxl_unet(refiner=False, seed=3), scheduler=_sdxl_scheduler(),
-        force_zeros_for_empty_prompt=True,
+        vae=vae, text_encoder=random_component("clip_l", size, device), text_encoder_2=text_encoder_2,
+        tokenizer=_clip_tokenizer(), tokenizer_2=_clip_tokenizer(), unet=random_component("sdxl_unet", size, device),
+        scheduler=_sdxl_scheduler(), force_zeros_for_empty_prompt=True,
     )
     # Saved as the fp16 variant in fp16, as the real repositories; the worker (like worker-sdxl)
-    # loads variant="fp16" and casts to float32 on CPU.
+    # loads variant="fp16" (and casts to float32 on CPU).
     base.to(dtype=torch.float16).save_pretrained(out / "sdxl-base", variant="fp16")
     refiner = StableDiffusionXLImg2ImgPipeline(
-        vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None,
-        tokenizer_2=_clip_tokenizer(), unet=_sdxl_unet(refiner=True, seed=4), scheduler=_sdxl_scheduler(),
+        vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=_clip_tokenizer(),
+        unet=random_component("refiner_unet", size, device), scheduler=_sdxl_scheduler(),
         requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
     )
     refiner.to(dtype=torch.float16).save_pretrained(out / "sdxl-refiner", variant="fp16")
 
 
-def build_tiny_wan(out: Path) -> None:
-    import torch
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+def _build_wan(out: Path, size: str, device: str) -> None:
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor
 
-    torch.manual_seed(10)
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    )
-    torch.manual_seed(11)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=200, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    )
-    torch.manual_seed(12)
-    # image_size 32 / patch 2 = 256 patches + CLS = 257 tokens, as the real ViT-H/14 at 224.
-    image_encoder = CLIPVisionModel(
-        CLIPVisionConfig(hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2,
-                         image_size=32, intermediate_size=16, patch_size=2)
-    )
-    image_processor = CLIPImageProcessor(crop_size=32, size=32)
-    torch.manual_seed(13)
-    # The real I2V transformer has image_dim (CLIP width) and added_kv_proj_dim (= inner dim).
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
-        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=4, added_kv_proj_dim=24, rope_max_seq_len=1024,
-    )
-    # The real checkpoint's scheduler: UniPC in flow-matching mode, shift 3.0 for 480P.
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
-    )
     pipe = WanImageToVideoPipeline(
-        tokenizer=_t5_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-        image_processor=image_processor, image_encoder=image_encoder, transformer=transformer,
+        tokenizer=_t5_tokenizer(), text_encoder=random_component("umt5", size, device),
+        vae=random_component("wan_vae", size, device),
+        # The real checkpoint's scheduler: UniPC in flow-matching mode, shift 3.0 for 480P.
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                          num_train_timesteps=1000, flow_shift=3.0),
+        image_processor=CLIPImageProcessor(**WAN_IMAGE_PROCESSOR[size]),
+        image_encoder=random_component("clip_vision", size, device),
+        transformer=random_component("wan_transformer", size, device),
     )
-    pipe.save_pretrained(out / "wan-i2v")
+    # Full size: transformer and UMT5 in bf16, image encoder and VAE in float32 (the model card's dtypes), in
+    # 5 GB shards, as `--dir` / `--compact` leave the hub's files: what a cold start reads.
+    pipe.save_pretrained(out / "wan-i2v", **({"max_shard_size": "5GB"} if size == "full" else {}))
+
+
+def random_ready(out: Path, group: str, size: str) -> bool:
+    """Whether build_random finished this group at this size in `out` (it writes the marker last)."""
+    marker = out / f".random-{group}.json"
+    try:
+        return json.loads(marker.read_text()).get("size") == size and all(
+            (out / folder / "model_index.json").exists() or (out / folder / "config.json").exists()
+            for folder in GROUP_FOLDERS[group])
+    except (OSError, ValueError):
+        return False
+
+
+def build_random(out: Path, size: str = "tiny", only: set[str] | None = None) -> dict[str, float]:
+    """Write random-weight models ("tiny" or "full" size) of `only` groups (default both) into out/<folder>.
+
+    Full size builds on the GPU when there is one (about a minute; 60 GB written). Returns seconds per group.
+    """
+    import gc
+
+    import torch
+
+    device = "cuda" if size == "full" and torch.cuda.is_available() else "cpu"
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    for group, build in (("sdxl", _build_sdxl), ("wan", _build_wan)):
+        if only is not None and group not in only:
+            continue
+        start = time.perf_counter()
+        (out / f".random-{group}.json").unlink(missing_ok=True)  # first: a half-written group is never "ready"
+        for folder in GROUP_FOLDERS[group]:
+            shutil.rmtree(out / folder, ignore_errors=True)
+        build(out, size, device)
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        (out / f".random-{group}.json").write_text(json.dumps({"size": size}))
+        seconds[group] = time.perf_counter() - start
+        print(f"{group}: {size}-size random models written to {out} in {seconds[group]:.0f}s", flush=True)
+    return seconds
 
 
 def build_tiny(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    build_tiny_sdxl(out)
-    build_tiny_wan(out)
-    print(f"tiny models written to {out}: sdxl-base, sdxl-refiner, sdxl-vae, wan-i2v", flush=True)
+    build_random(out, "tiny")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", metavar="DIR", type=Path, help="build tiny random models into DIR (offline)")
-    parser.add_argument("--only", choices=sorted(GROUPS), help="fetch only SDXL or only Wan")
+    parser.add_argument("--random-full", metavar="DIR", type=Path,
+                        help="build full-size random-weight models into DIR (real architectures, for benchmarks; "
+                             "~60 GB, a GPU makes it take about a minute)")
+    parser.add_argument("--only", choices=sorted(GROUPS), help="fetch (or build) only SDXL or only Wan")
     parser.add_argument("--dir", type=Path, help="download into DIR/<model> instead of the HF cache")
     parser.add_argument("--compact", metavar="WAN_DIR", type=Path,
                         help="re-save a downloaded Wan folder's float32 transformer and text encoder in bf16")
     args = parser.parse_args(argv)
-    if args.tiny:
-        build_tiny(args.tiny)
+    if args.tiny or args.random_full:
+        build_random(args.tiny or args.random_full, "tiny" if args.tiny else "full",
+                     {args.only} if args.only else None)
         return 0
     if args.compact:
         if not (args.compact / "model_index.json").exists():

@@ -1,8 +1,8 @@
 """LoRA adapters for both modes: where a LoRA file comes from, the disk cache, and applying it per job.
 
-A request's `loras` entries name a file by http(s) URL, Hugging Face repo id or local path.
-URLs are downloaded once through runpod's SSRF-safe `safe_get` (deadline, byte cap while
-streaming), checked to be a complete .safetensors file, and kept in a disk cache keyed by
+A job's LoRAs (`schemas.LoraSpec`, resolved when the job is checked) name a file by http(s)
+URL, Hugging Face repo id or local path. URLs are downloaded once through fetch.py (SSRF-safe,
+deadline, byte cap while streaming), checked to be a complete .safetensors file, and kept in a disk cache keyed by
 the sha256 of the URL, least recently used files evicted beyond LORA_CACHE_GB. Hub files
 come through `hf_hub_download` (the Hugging Face cache); local paths must resolve inside
 the model folders, the HF cache or /runpod-volume.
@@ -20,7 +20,6 @@ counted against the LoRA's own.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -30,116 +29,18 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from schemas import InputError, shorten
-from video_utils import Refusals, stream_url
+from fetch import Refusals, stream_url
+from schemas import InputError, LoraSpec, shorten
 
 log = logging.getLogger("worker")
-DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA in a hub repo
 KEEP_LOADED = 4  # adapters kept loaded per pipeline beyond the job's own (least recently used dropped)
 _CHUNK = 1024 * 1024
-_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[^\s]+))?$")
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+?)\.lora_[AB]\.[^:]*: copying a param with shape "
                             r"torch\.Size\((\[[^\]]*\])\) from checkpoint, the shape in current model is "
                             r"torch\.Size\((\[[^\]]*\])\)")
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """One LoRA of a job: where its file is, how strongly it applies, and how errors name it."""
-
-    kind: str  # "url" | "hub" | "local"
-    location: str  # the URL, the hub repo id, or the resolved local path
-    filename: str | None  # the file inside a hub repo
-    scale: float
-    label: str  # "Field 'loras[0].path'" or "WAN_FAST_LORA": how messages name where it came from
-    shown: str  # the path as given, cut short
-
-    @property
-    def key(self) -> str:
-        """sha256 of the source: the disk cache's file name and the adapter's identity."""
-        return hashlib.sha256(f"{self.kind}\n{self.location}\n{self.filename}".encode()).hexdigest()
-
-    @property
-    def adapter_name(self) -> str:
-        return f"lora_{self.key[:16]}"
-
-    def names(self) -> str:
-        """The start of every error sentence about this LoRA."""
-        return f"{self.label} names the LoRA {self.shown}, which"
-
-
-def parse_source(path: str, label: str, roots: Iterable[str], weight_name: str | None = None,
-                 scale: float = 1.0) -> LoraSpec:
-    """Check a LoRA path's form (and, for a local file, that it lies inside `roots`); no I/O besides realpath."""
-    text = path.strip()
-    shown = shorten(text, 100)
-    if re.match(r"^https?://", text, flags=re.I):
-        if weight_name:
-            raise InputError(f"{label} is a URL, {shown}, so weight_name (which picks a file in a hub repo) must "
-                             f"be left out.")
-        if not urlparse(text).hostname:
-            raise InputError(f"{label} must be an http(s) URL with a host name, got {shown}.")
-        return LoraSpec("url", text, None, scale, label, shown)
-    if text.startswith("/"):
-        if weight_name:
-            raise InputError(f"{label} is a local path, {shown}, so weight_name (which picks a file in a hub repo) "
-                             f"must be left out.")
-        if not text.lower().endswith(".safetensors"):
-            raise InputError(f"{label} must name a .safetensors file, got {shown}; pickled .ckpt/.pt/.bin files "
-                             f"are not loaded.")
-        real = os.path.realpath(text)
-        allowed = [os.path.realpath(r) for r in roots]
-        if not any(os.path.commonpath([real, r]) == r for r in allowed):
-            raise InputError(f"{label} is the local path {shown}, which lies outside the folders LoRAs may be "
-                             f"read from ({', '.join(allowed)}); put the file there or send a URL.")
-        return LoraSpec("local", real, None, scale, label, shown)
-    match = _HUB_ID.match(text)
-    if not match:
-        raise InputError(f"{label} must be an http(s) URL, a Hugging Face repo id ('owner/name', optionally "
-                         f"followed by '/file.safetensors') or an absolute path of a .safetensors file, got {shown}.")
-    if not match["file"] and match["repo"].lower().endswith(".safetensors"):
-        raise InputError(f"{label} looks like a relative file path, {shown}; a local LoRA needs an absolute path "
-                         f"and a hub repo id is 'owner/name'.")
-    if match["file"] and weight_name:
-        raise InputError(f"{label} names the file {shorten(match['file'], 60)} inside the repo and weight_name "
-                         f"names another; give the file in one of them.")
-    filename = match["file"] or weight_name or DEFAULT_WEIGHT_NAME
-    if ".." in filename.split("/") or filename.startswith("/") or not filename.lower().endswith(".safetensors"):
-        raise InputError(f"{label} must name a .safetensors file inside the repo {match['repo']!r}, got "
-                         f"{shorten(filename, 60)}.")
-    return LoraSpec("hub", match["repo"], filename, scale, label, shown)
-
-
-def job_loras(p: dict[str, Any], settings: Any) -> list[LoraSpec]:
-    """The job's LoRAs in order: the video preset "fast" puts its step-distilled LoRA first.
-
-    With preset "fast", WAN_FAST_LORA (scale 1.0) is added unless the request lists the same
-    file (then the request's scale applies). Without WAN_FAST_LORA the request's `loras` are
-    taken as the step-distilled LoRA(s); with neither, "fast" is refused.
-    """
-    specs = [parse_source(entry["path"], f"Field 'loras[{i}].path'", settings.lora_roots, entry.get("weight_name"),
-                          entry["scale"]) for i, entry in enumerate(p.get("loras") or [])]
-    seen: dict[str, int] = {}
-    for i, spec in enumerate(specs):
-        if spec.key in seen:
-            raise InputError(f"{spec.label} repeats the LoRA of loras[{seen[spec.key]}], {spec.shown}; list each "
-                             f"LoRA once and set its scale.")
-        seen[spec.key] = i
-    if p.get("preset") == "fast":
-        if settings.wan_fast_lora:
-            fast = parse_source(settings.wan_fast_lora, "WAN_FAST_LORA", settings.lora_roots)
-            if fast.key not in seen:
-                specs.insert(0, fast)
-        elif not specs:
-            raise InputError("Field 'preset' is 'fast', which needs a step-distilled LoRA, but this worker has no "
-                             "WAN_FAST_LORA configured; send one in 'loras' (for example lightx2v's Wan2.1 I2V 480P "
-                             "StepDistill-CfgDistill LoRA) or ask for preset 'quality'.")
-    return specs
 
 
 # --------------------------------------------------------------------------------- files
@@ -208,7 +109,7 @@ class LoraCache:
 
 
 def download(spec: LoraSpec, dest: Path, *, max_bytes: int, timeout_s: float) -> None:
-    """Stream a URL to `dest` through video_utils.stream_url, the downloader of image_url.
+    """Stream a URL to `dest` through fetch.stream_url, the downloader of image_url.
 
     The same protections as image_url: runpod's SSRF-safe safe_get (public addresses only,
     checked again on every redirect), a byte cap on the announced length and while streaming,
@@ -216,7 +117,7 @@ def download(spec: LoraSpec, dest: Path, *, max_bytes: int, timeout_s: float) ->
     """
     words = Refusals(
         start=spec.names(), thing="file", cap=f"at most {max_bytes:,} are accepted (LORA_MAX_GB)",
-        slow=(f"{spec.names()} did not finish downloading within {timeout_s:g} s (LORA_FETCH_TIMEOUT_S); use a "
+        slow=(f"{spec.names()} did not finish downloading within {timeout_s:g} s; use a "
               f"faster host or a file on the network volume."),
         no_host=f"{spec.label} must be an http(s) URL with a host name, got {spec.shown}.",
         allowed="only public http(s) addresses are allowed (a file on the network volume can be given as a local "

@@ -1,38 +1,50 @@
-"""ModelHandler: loads the SDXL and Wan2.1 pipelines once, places them, and runs one job each.
+"""The worker's two models, SDXL and Wan2.1 I2V, and `ModelHandler`, which holds them and decides where they live.
 
-Nothing loads at import or construction: SDXL loads on the first image job and Wan on the
-first video job (or at start-up through PRELOAD_MODELS), then both stay. On a GPU the
-model-card dtypes apply (SDXL fp16 with the fp16-fix VAE; Wan transformer and UMT5 in
-bf16, its CLIP image encoder and VAE in fp32, the VAE in bf16 with WAN_VAE_DTYPE); on CPU
-everything else runs in float32, the same code path. When both models cannot be resident
-on the GPU at once, the one not needed is parked in CPU memory before the other runs, and
-Wan falls back to diffusers' model CPU offload or group offload if it cannot fit alone.
+Each model class loads its pipeline once (on its first job, or at start-up through
+PRELOAD_MODELS or its compile switch), applies its speed switches, warms up with one real
+call of its own `generate`, and runs one job at a time. On a GPU the model-card dtypes apply
+(SDXL fp16 with the fp16-fix VAE; Wan transformer and UMT5 in bf16, its CLIP image encoder and
+VAE in float32, the VAE in bf16 with WAN_VAE_DTYPE); on CPU everything runs in float32, the
+same code path. `plan_placement` decides from the card's memory whether both models stay on
+the GPU, and whether Wan runs resident, with model CPU offload or with group offload.
+Nothing loads at import or construction.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from loras import LoraCache, LoraSpec, PipelineLoras, job_loras, lora_disabled
+from loras import LoraCache, PipelineLoras, lora_disabled
+from schemas import ImageJob, LoraSpec, VideoJob, validate_input
 from settings import Settings
 
 log = logging.getLogger("worker")
 GIB = 1024**3
-# Weights in GPU memory (DESIGN.md section 4): Wan in model-card dtypes, SDXL base + refiner in fp16.
+# Weights in GPU memory: Wan in model-card dtypes (float8 block linears with WAN_FP8), SDXL base + refiner in fp16.
 WAN_WEIGHTS_GIB = 44.0
+WAN_FP8_WEIGHTS_GIB = 29.0
 SDXL_WEIGHTS_GIB = 10.7
+HEADROOM_GIB = 16.0  # GPU memory kept free for activations when deciding what stays resident
+OFFLOAD_MIN_GIB = 40.0  # smallest card for "offload": the bf16 transformer (30.5 GiB) alone plus activations
+LORA_FETCH_TIMEOUT_S = 600.0
 
 Progress = Callable[[str, int, int], None]  # (phase, step, total)
+Cancelled = Callable[[], bool]
 
 
 class GenerationError(RuntimeError):
@@ -43,10 +55,8 @@ class ModelUnavailable(GenerationError):
     """Weights are missing locally; the message names the env var and the fetch command."""
 
 
-# The transformer's block linears in float8 (torchao) take ~15 GiB instead of ~30.5 GiB.
-WAN_FP8_WEIGHTS_GIB = 29.0
-# Smallest card for "offload": the bf16 transformer (30.5 GiB) alone plus activations.
-OFFLOAD_MIN_GIB = 40.0
+class JobCancelled(GenerationError):
+    """RunPod cancelled the job (or it timed out); raised from the step callback, so within one step."""
 
 
 @dataclass(frozen=True)
@@ -57,39 +67,30 @@ class Placement:
     wan_profile: str  # full: all resident | offload: model CPU offload | lowvram: group offload
 
 
-def plan_placement(gpu_total_gib: float, headroom_gib: float, profile: str = "auto", fp8: bool = False,
-                   sdxl_gib: float = SDXL_WEIGHTS_GIB) -> Placement:
+def plan_placement(gpu_total_gib: float, profile: str = "auto", fp8: bool = False) -> Placement:
     """Decide residency from the GPU's memory; pure so it can be checked for any card size."""
     wan_gib = WAN_FP8_WEIGHTS_GIB if fp8 else WAN_WEIGHTS_GIB
     if profile == "auto":
-        if gpu_total_gib >= wan_gib + headroom_gib:
-            profile = "full"
-        elif gpu_total_gib >= OFFLOAD_MIN_GIB:
-            profile = "offload"
-        else:  # measured on a 24 GB emulation: 13.8 GiB peak, 7.8 s/step (benchmarks/RESULTS.md)
-            profile = "lowvram"
-    keep_both = profile == "full" and gpu_total_gib >= wan_gib + sdxl_gib + headroom_gib
+        profile = ("full" if gpu_total_gib >= wan_gib + HEADROOM_GIB else
+                   "offload" if gpu_total_gib >= OFFLOAD_MIN_GIB else "lowvram")
+    keep_both = profile == "full" and gpu_total_gib >= wan_gib + SDXL_WEIGHTS_GIB + HEADROOM_GIB
     return Placement(keep_both=keep_both, wan_profile=profile)
 
 
-def pick_attention_backend(requested: str, device: torch.device) -> str:
-    """The attention backend to use: the request, else the fastest one importable for this device.
+def attention_backend(device: torch.device) -> str:
+    """diffusers' attention backend: FlashAttention 3 when installed on a GPU, else PyTorch's SDPA.
 
-    On Hopper, PyTorch's own SDPA (flash) measured faster than cuDNN attention and than the PyPI
-    sageattention build (DESIGN.md section 6); FlashAttention 3 is preferred when installed.
+    On Hopper, SDPA measured faster than cuDNN attention and than the PyPI sageattention build.
     """
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        import importlib.util
+    import importlib.util
 
-        if importlib.util.find_spec("flash_attn_interface") is not None:
-            return "_flash_3"
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn_interface") is not None:
+        return "_flash_3"
     return "native"
 
 
 def make_scheduler(name: str, config: Any):
-    """A fresh scheduler per job (schedulers carry per-run state), built from the model's config."""
+    """A fresh SDXL scheduler per job (schedulers carry per-run state), built from the model's config."""
     from diffusers import (
         DDIMScheduler,
         DPMSolverMultistepScheduler,
@@ -116,29 +117,101 @@ def make_scheduler(name: str, config: Any):
     return cls.from_config(config, **overrides)
 
 
-class ModelHandler:
-    """Owns the pipelines for the life of the worker process."""
+class _Model:
+    """What SDXL and Wan share: settings, device, LoRA switching, compile stance and the compile cache."""
 
-    def __init__(self, settings: Settings, device: str | None = None) -> None:
-        self.settings = settings
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.base = self.refiner = self.wan = None
-        self._loras: dict[str, PipelineLoras] = {}  # "sdxl" / "wan": adapters loaded into that pipeline
-        self._warming_up = False  # compilation is allowed only then (see _compiled_only)
-        if self.device.type == "cuda":
-            total = settings.gpu_memory_gib or torch.cuda.get_device_properties(self.device).total_memory / GIB
-            self.placement = plan_placement(total, settings.gpu_headroom_gib, settings.memory_profile, settings.wan_fp8)
-        else:
-            self.placement = Placement(keep_both=True, wan_profile="full")
-        self.attention_backend = pick_attention_backend(settings.attention_backend, self.device)
-        log.info("device %s, placement %s, attention backend %s", self.device, self.placement, self.attention_backend)
+    name = ""  # "sdxl" / "wan": PRELOAD_MODELS and log lines
+    compiled = False
 
-    # ------------------------------------------------------------------ loading
+    def __init__(self, settings: Settings, device: torch.device) -> None:
+        self.settings, self.device = settings, device
+        self.loras: PipelineLoras | None = None
+        self.attention_backend = attention_backend(device)
+        # Within a user job, code the warm-up did not compile runs eager rather than stalling for minutes
+        # on a compile. Tests set "fail_on_recompile" to prove that a job ran compiled.
+        self.stance = "eager_on_recompile"
+        self._warming_up = False
+
     def _dtype(self, gpu_dtype: torch.dtype) -> torch.dtype:
         return gpu_dtype if self.device.type == "cuda" else torch.float32
 
-    def load_sdxl(self) -> float:
-        """Load SDXL base + refiner (sharing VAE and the big text encoder); returns seconds spent."""
+    def _stance(self):
+        return torch.compiler.set_stance(self.stance) if self.compiled and not self._warming_up else nullcontext()
+
+    def _use_loras(self, specs: tuple[LoraSpec, ...], make: Callable[[], PipelineLoras], fuse: bool) -> float:
+        """Make exactly the job's LoRAs active (none: all off); returns seconds spent."""
+        if not specs and self.loras is None:
+            return 0.0  # no LoRA ever loaded here: nothing to switch off
+        start = time.perf_counter()
+        self.loras = self.loras or make()
+        s = self.settings
+        cache = LoraCache(s.lora_cache_dir, s.lora_cache_bytes)
+        self.loras.apply(list(specs), lambda spec: cache.fetch(spec, max_bytes=s.lora_max_bytes,
+                                                               timeout_s=LORA_FETCH_TIMEOUT_S), fuse)
+        return time.perf_counter() - start
+
+    def warm_up(self) -> float:
+        """Run one real, short job at the default shape so that compilation happens before any user job.
+
+        The compile cache (COMPILE_CACHE_DIR) is loaded first and written after, so only the first
+        worker of an endpoint pays for compiling.
+        """
+        from torch._dynamo.utils import counters
+
+        cache = CompileCache(self.settings.compile_cache_dir, self.cache_key()) if self.compiled else None
+        loaded = cache.load() if cache else False
+        hits = counters["inductor"]["fxgraph_cache_hit"]
+        start = time.perf_counter()
+        self._warming_up = True
+        try:
+            self._warm_up_job()
+        finally:
+            self._warming_up = False
+        seconds = time.perf_counter() - start
+        if cache and not loaded:
+            cache.save()
+        hits = counters["inductor"]["fxgraph_cache_hit"] - hits
+        cached = (f" ({hits} compiled graphs from the compile cache {cache.path})" if loaded else
+                  f" (compiled; cache written to {cache.path})" if cache and cache.path else "")
+        log.info("%s warm-up took %.1f s%s", self.name, seconds, cached)
+        return seconds
+
+    def _warm_up_job(self) -> None:
+        raise NotImplementedError
+
+    def cache_key(self) -> str:
+        raise NotImplementedError
+
+    def _key(self, *parts: Any) -> str:
+        """What compiled code depends on: torch, triton, the GPU, the model's shapes and the speed switches."""
+        try:
+            import triton
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = "none"
+        gpu = (torch.cuda.get_device_name(self.device) + str(torch.cuda.get_device_capability(self.device))
+               if self.device.type == "cuda" else "cpu")
+        text = json.dumps([torch.__version__, triton_version, gpu, self.attention_backend, *parts], sort_keys=True,
+                          default=str)
+        return f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+class SdxlModel(_Model):
+    """SDXL base + refiner (sharing the VAE and the big text encoder) as an ensemble of experts."""
+
+    name = "sdxl"
+
+    def __init__(self, settings: Settings, device: torch.device) -> None:
+        super().__init__(settings, device)
+        self.base = self.refiner = None
+        self.compiled = settings.sdxl_compile
+
+    @property
+    def loaded(self) -> bool:
+        return self.base is not None
+
+    def load(self) -> float:
+        """Load base + refiner onto the device; returns seconds spent (0.0 when already loaded)."""
         if self.base is not None:
             return 0.0
         start = time.perf_counter()  # before the imports: a cold start pays for them too
@@ -157,59 +230,131 @@ class ModelHandler:
                 use_safetensors=True, add_watermarker=False, local_files_only=True)
         for pipe in (base, refiner):
             pipe.set_progress_bar_config(disable=True)
-            pipe.unet.set_attention_backend(self.attention_backend)
-        self.base, self.refiner = base.to(self.device), refiner.to(self.device)
-        if s.sdxl_fuse_qkv:  # on the device: concatenating fp16 weights on the CPU took seconds
-            for pipe in (base, refiner):
-                pipe.unet.fuse_qkv_projections()
-        if s.sdxl_compile:
-            # The eager UNet keeps the GPU busy ~40% of a step: kernel launches dominate at 1024x1024.
-            # Whole-UNet compilation with CUDA graphs removes them (13.4 -> 27.0 it/s, benchmarks/RESULTS.md).
-            # Compiled in place, so pipe.unet stays the UNet (LoRA loading, config) and only its call changes.
-            for pipe in (base, refiner):
+            if self.attention_backend != "native":  # native (SDPA) is diffusers' default already
+                pipe.unet.set_attention_backend(self.attention_backend)
+            if self.compiled:
+                # Kernel launches dominate an eager SDXL step at 1024x1024; whole-UNet compilation with CUDA
+                # graphs removes them. In place, so pipe.unet stays the UNet (LoRA loading, config).
                 pipe.unet.compile(mode="reduce-overhead", fullgraph=True)
+        self.base, self.refiner = base.to(self.device), refiner.to(self.device)
         seconds = time.perf_counter() - start
         log.info("SDXL loaded on %s in %.1f s", self.device, seconds)
         return seconds
 
-    def load_wan(self) -> float:
-        """Load the Wan2.1 I2V pipeline in model-card dtypes; returns seconds spent."""
-        if self.wan is not None:
+    def park(self) -> None:
+        if self.base is not None and self.base.device.type == "cuda":
+            log.info("Moving SDXL to CPU memory: it does not fit on the GPU beside Wan")
+            self.base.to("cpu")
+            self.refiner.to("cpu")
+            free_memory()
+
+    def resident(self) -> None:
+        if self.base.device.type != self.device.type:  # "cuda:0" is where "cuda" put it
+            self.base.to(self.device)
+            self.refiner.to(self.device)
+
+    def cache_key(self) -> str:
+        return self._key(self.base.unet.config, self.refiner.unet.config)
+
+    def _warm_up_job(self) -> None:
+        # The default size, with few steps: enough for both UNets' CUDA graphs to be recorded.
+        job = validate_input({"prompt": "warm-up", "seed": 0, "num_inference_steps": 5,
+                              "refiner_inference_steps": 10}, self.settings)
+        self.generate(job, None)
+
+    def generate(self, job: ImageJob, init_image: Image.Image | None, progress: Progress | None = None,
+                 cancelled: Cancelled | None = None) -> tuple[list[Image.Image], dict[str, float]]:
+        """Base + refiner as an ensemble of experts, or refiner img2img when an init image is given."""
+        self.load()
+        lora_s = self._use_loras(job.loras, lambda: PipelineLoras(self.base, "unet", "the SDXL base model"),
+                                 self.settings.lora_fuse)
+        self.base.scheduler = make_scheduler(job.scheduler, self.base.scheduler.config)
+        self.refiner.scheduler = make_scheduler(job.scheduler, self.refiner.scheduler.config)
+        common = dict(prompt=job.prompt, negative_prompt=job.negative_prompt, guidance_scale=job.guidance_scale,
+                      num_images_per_prompt=job.num_images, generator=torch.Generator("cpu").manual_seed(job.seed))
+        total = job.base_steps + job.refiner_steps
+        refine = _step_callback(progress, "refine", job.base_steps, total, cancelled)
+        start = time.perf_counter()
+        oom = _friendly_oom(f"{job.num_images} image(s) of {job.width}x{job.height}", "fewer images or a smaller size")
+        with oom, self._stance():
+            if init_image is None:
+                latents = self.base(height=job.height, width=job.width, num_inference_steps=job.num_inference_steps,
+                                    denoising_end=job.high_noise_frac, output_type="latent",
+                                    callback_on_step_end=_step_callback(progress, "base", 0, total, cancelled),
+                                    **common).images
+                refiner_input = dict(image=latents, denoising_start=job.high_noise_frac)
+            else:
+                refiner_input = dict(image=init_image, strength=job.strength)
+            # LoRAs are base-only: the refiner shares the base's second text encoder, so they are off there.
+            with lora_disabled(self.refiner.text_encoder_2):
+                images = self.refiner(num_inference_steps=job.refiner_inference_steps, callback_on_step_end=refine,
+                                      **refiner_input, **common).images
+        timings = {"inference_s": time.perf_counter() - start}
+        return images, timings | ({"lora_s": lora_s} if job.loras else {})
+
+
+class WanModel(_Model):
+    """Wan2.1 image-to-video in the model card's dtypes, with its speed switches."""
+
+    name = "wan"
+
+    def __init__(self, settings: Settings, device: torch.device, placement: Placement) -> None:
+        super().__init__(settings, device)
+        self.pipe = None
+        self.placement = placement
+        self.compiled = settings.wan_compile
+        self.on_step: Callable[[], None] | None = None  # called at every step end (parallel.py's collective cancel)
+
+    @property
+    def loaded(self) -> bool:
+        return self.pipe is not None
+
+    @property
+    def fp8(self) -> bool:
+        """Whether WAN_FP8 applies here: it needs float8 matmuls and room to quantize on the GPU."""
+        if not self.settings.wan_fp8:
+            return False
+        if not _fp8_capable(self.device):
+            log.warning("WAN_FP8 is ignored on %s: float8 matmuls need a GPU of compute capability 8.9+ "
+                        "(Ada, Hopper)", self.device)
+            return False
+        if self.placement.wan_profile == "lowvram":
+            # torchao quantizes on the GPU, so the bf16 transformer (30.5 GiB) would have to fit there first.
+            log.warning("WAN_FP8 is ignored with the lowvram profile: quantizing needs the bf16 transformer on "
+                        "the GPU")
+            return False
+        return True
+
+    def load(self) -> float:
+        """Load the pipeline and apply the speed switches; returns seconds spent (0.0 when already loaded)."""
+        if self.pipe is not None:
             return 0.0
         start = time.perf_counter()  # before the imports: a cold start pays for them too
         from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
         from transformers import CLIPVisionModel, UMT5EncoderModel
 
-        model_id = self.settings.wan_model_id
-        low = self._dtype(torch.bfloat16)
-        # When everything stays resident (and nothing is quantized first), the safetensors load
-        # straight into GPU memory instead of through a CPU copy (WAN_LOAD_TO_GPU).
-        direct = (self.settings.wan_load_to_gpu and self.device.type == "cuda"
-                  and self.placement.wan_profile == "full" and not self.settings.wan_fp8)
-        where = {"device_map": str(self.device)} if direct else {}
-        # The VAE may run in bf16 (WAN_VAE_DTYPE), on CPU too, so the tests run the same switch.
-        vae_dtype = getattr(torch, self.settings.wan_vae_dtype)
+        model_id, low, fp8 = self.settings.wan_model_id, self._dtype(torch.bfloat16), self.fp8
+        profile = self.placement.wan_profile
+        # Resident weights load straight into GPU memory instead of through a CPU copy; the transformer
+        # comes first and is quantized there at once, so float8 loads at disk speed too.
+        on_gpu = self.device.type == "cuda" and (profile == "full" or fp8)
+        where = {"device_map": str(self.device)} if on_gpu else {}
         with _missing_weights("WAN_MODEL_ID", model_id, "wan"):
-            # The model card's recipe, component by component: image encoder and VAE in float32.
-            components = {
-                "image_encoder": (CLIPVisionModel, torch.float32), "vae": (AutoencoderKLWan, vae_dtype),
-                "text_encoder": (UMT5EncoderModel, low), "transformer": (WanTransformer3DModel, low)}
+            transformer = WanTransformer3DModel.from_pretrained(model_id, subfolder="transformer", dtype=low,
+                                                                local_files_only=True, **where)
+            if fp8:
+                _quantize_fp8(transformer)
+            # The model card's recipe: image encoder and VAE in float32 (the VAE in bf16 with WAN_VAE_DTYPE,
+            # on CPU too, so the tests run the same switch).
+            components = {"image_encoder": (CLIPVisionModel, torch.float32),
+                          "vae": (AutoencoderKLWan, getattr(torch, self.settings.wan_vae_dtype)),
+                          "text_encoder": (UMT5EncoderModel, low)}
+            where = {"device_map": str(self.device)} if self.device.type == "cuda" and profile == "full" else {}
             loaded = {name: cls.from_pretrained(model_id, subfolder=name, dtype=dtype, local_files_only=True, **where)
                       for name, (cls, dtype) in components.items()}
-            pipe = WanImageToVideoPipeline.from_pretrained(model_id, dtype=low, local_files_only=True, **loaded)
+            pipe = WanImageToVideoPipeline.from_pretrained(model_id, dtype=low, local_files_only=True,
+                                                           transformer=transformer, **loaded)
         pipe.set_progress_bar_config(disable=True)
-        profile = self.placement.wan_profile
-        if self.settings.wan_fp8 and not _fp8_capable(self.device):
-            log.warning("WAN_FP8 is ignored on %s: float8 matmuls need a GPU of compute capability 8.9+ "
-                        "(Ada, Hopper)", self.device)
-        elif self.settings.wan_fp8 and profile == "lowvram":
-            # torchao quantizes on the GPU, so the bf16 transformer (30.5 GiB) would have to fit
-            # there first: on a 24 GB card that failed with out-of-memory (benchmarks/RESULTS.md).
-            log.warning("WAN_FP8 is ignored with the lowvram profile: quantizing needs the bf16 transformer on the GPU")
-        elif self.settings.wan_fp8:
-            # torchao quantizes on the GPU; the transformer goes there first, whatever the profile.
-            pipe.transformer.to(self.device)
-            _quantize_fp8(pipe.transformer)
         if profile == "full":
             pipe.to(self.device)
         elif profile == "offload":
@@ -219,195 +364,170 @@ class ModelHandler:
             pipe.image_encoder.to(self.device)
             pipe.enable_group_offload(onload_device=self.device, offload_type="block_level", num_blocks_per_group=1,
                                       use_stream=True, exclude_modules=["vae", "image_encoder"])
-        pipe.transformer.set_attention_backend(self.attention_backend)
-        if self.settings.wan_compile:
-            pipe.transformer.compile_repeated_blocks(fullgraph=True)
-        self.wan = pipe
+        if self.attention_backend != "native":
+            pipe.transformer.set_attention_backend(self.attention_backend)
+        if self.compiled:
+            # Regional compilation with dynamic shapes: one compile of the repeated block serves every
+            # video size and frame count, so auto-sized requests of any aspect ratio run compiled.
+            pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+            # Without this, sides equal at warm-up (a square video) would be assumed equal for every job.
+            torch.fx.experimental._config.use_duck_shape = False
+        self.pipe = pipe
         seconds = time.perf_counter() - start
         log.info("Wan2.1 I2V loaded on %s in %.1f s (profile %s, fp8 %s, compile %s, VAE %s)", self.device, seconds,
-                 profile, self.settings.wan_fp8, self.settings.wan_compile, self.settings.wan_vae_dtype)
+                 profile, fp8, self.compiled, self.settings.wan_vae_dtype)
         return seconds
 
-    # ---------------------------------------------------------------- placement
-    def _park_sdxl(self) -> None:
-        if self.base is not None and self.base.device.type == "cuda":
-            log.info("Moving SDXL to CPU memory: it does not fit on the GPU beside Wan")
-            self.base.to("cpu")
-            self.refiner.to("cpu")
-            free_memory()
-
-    def _park_wan(self) -> None:
-        if self.wan is not None and self.placement.wan_profile == "full" and self.wan.device.type == "cuda":
+    def park(self) -> None:
+        if self.pipe is not None and self.placement.wan_profile == "full" and self.pipe.device.type == "cuda":
             log.info("Moving Wan to CPU memory: it does not fit on the GPU beside SDXL")
-            self.wan.to("cpu")
+            self.pipe.to("cpu")
             free_memory()
 
-    def prepare(self, mode: str) -> float:
-        """Load what the mode needs and make it resident; returns load seconds."""
-        # Park the other model first, so its memory is free before this one loads or moves in.
-        if mode == "image":
-            if not self.placement.keep_both:
-                self._park_wan()
-            seconds = self.load_sdxl()
-            if self.base.device != self.device:
-                self.base.to(self.device)
-                self.refiner.to(self.device)
-            return seconds
-        if not self.placement.keep_both:
-            self._park_sdxl()
-        seconds = self.load_wan()
-        if self.placement.wan_profile == "full" and self.wan.device != self.device:
-            self.wan.to(self.device)
-        return seconds
+    def resident(self) -> None:
+        # Compared by type: "cuda:0" is where "cuda" put it, and moving float8 weights again would fail.
+        if self.placement.wan_profile == "full" and self.pipe.device.type != self.device.type:
+            self.pipe.to(self.device)
 
-    def compiled(self, mode: str) -> bool:
-        """Whether the mode's model is compiled (WAN_COMPILE / SDXL_COMPILE)."""
-        return self.settings.sdxl_compile if mode == "image" else self.settings.wan_compile
+    def cache_key(self) -> str:
+        return self._key(self.pipe.transformer.config, self.fp8)
 
-    def compile_now(self, mode: str) -> float | None:
-        """At start-up: warm up (and so compile) the mode's model when it is compiled; returns seconds or None."""
-        return self.warm_up(mode) if self.compiled(mode) else None
+    def _warm_up_job(self) -> None:
+        # The default job (480x832, 81 frames) with 2 steps. The blocks compile with dynamic shapes, so every
+        # other shape reuses this compile; the shape only tunes the kernels' launch heuristics, hence the
+        # default one on a GPU. On CPU (the tests) the smallest shape keeps the same path to seconds.
+        shape = {"height": 480, "width": 832} if self.device.type == "cuda" else {"height": 64, "width": 64,
+                                                                                  "num_frames": 5}
+        job = validate_input({"mode": "video", "prompt": "warm-up", "image_url": "-", "seed": 0,
+                              "num_inference_steps": 2, **shape}, self.settings)
+        self.generate(job, Image.new("RGB", (job.width, job.height)))
 
-    def warm_up(self, mode: str, **shape: int) -> float:
-        """Run a short job of the mode at its default shape, so compilation happens before any user job.
-
-        Video: 2 steps at 480x832, 81 frames. Image: 1024x1024, 4 base + 2 refiner steps, enough
-        for the CUDA graphs of both UNets to be recorded. Other shapes run eager (see _compiled_only).
-        `shape` (height, width, num_frames) overrides the default shape (the CPU tests use small ones).
-        """
-        from schemas import IMAGE_FIELDS, VIDEO_FIELDS
-
-        start = time.perf_counter()
-        self._warming_up = True
-        try:
-            if mode == "video":
-                p = {name: param.default for name, param in VIDEO_FIELDS.items()}
-                p.update(prompt="warm-up", seed=0, num_inference_steps=2, **shape)
-                self.generate_video(p, Image.new("RGB", (p["width"], p["height"])), lambda *_: None)
-            else:
-                p = {name: param.default for name, param in IMAGE_FIELDS.items()}
-                p.update(prompt="warm-up", seed=0, num_inference_steps=5, refiner_inference_steps=10, **shape)
-                self.generate_images(p, None, lambda *_: None)
-        finally:
-            self._warming_up = False
-        seconds = time.perf_counter() - start
-        log.info("%s warm-up at %dx%d took %.1f s", mode, p["width"], p["height"], seconds)
-        return seconds
-
-    # ------------------------------------------------------------------ LoRAs
-    def _use_loras(self, family: str, specs: list[LoraSpec]) -> float:
-        """Make exactly the job's LoRAs active in SDXL base or Wan (none: all off); returns seconds spent."""
-        if not specs and family not in self._loras:
-            return 0.0  # no LoRA ever loaded here: nothing to switch off
-        start = time.perf_counter()
-        if family == "sdxl" and specs and self.settings.sdxl_fuse_qkv and self.base.unet.original_attn_processors:
-            # LoRAs target the separate q/k/v projections; from the first SDXL LoRA job on, they stay unfused.
-            log.info("unfusing the SDXL base UNet's QKV projections for LoRAs")
-            self.base.unet.unfuse_qkv_projections()
-        if family not in self._loras:
-            self._loras[family] = (PipelineLoras(self.base, "unet", "the SDXL base model") if family == "sdxl" else
-                                   PipelineLoras(self.wan, "transformer", "the Wan2.1 I2V transformer"))
-        s = self.settings
-        cache = LoraCache(s.lora_cache_dir, s.lora_cache_bytes)
-        # Group offload keeps its own copies of the weights, so fused weights would not stay fused.
-        fuse = s.lora_fuse and not (family == "wan" and self.placement.wan_profile == "lowvram")
-        self._loras[family].apply(
-            specs, lambda spec: cache.fetch(spec, max_bytes=s.lora_max_bytes, timeout_s=s.lora_fetch_timeout_s), fuse)
-        return time.perf_counter() - start
-
-    # ------------------------------------------------------------------- jobs
-    def generate_images(self, p: dict[str, Any], init_image: Image.Image | None,
-                        progress: Progress) -> tuple[list[Image.Image], dict[str, float]]:
-        """SDXL base + refiner as an ensemble of experts, or refiner img2img when an image is given."""
-        load_s = self.prepare("image")
-        loras = job_loras(p, self.settings)
-        lora_s = self._use_loras("sdxl", loras)
-        self.base.scheduler = make_scheduler(p["scheduler"], self.base.scheduler.config)
-        self.refiner.scheduler = make_scheduler(p["scheduler"], self.refiner.scheduler.config)
-        generator = torch.Generator("cpu").manual_seed(p["seed"])
-        common = dict(prompt=p["prompt"], negative_prompt=p["negative_prompt"], guidance_scale=p["guidance_scale"],
-                      num_images_per_prompt=p["num_images"], generator=generator)
-        start = time.perf_counter()
-        what = f"{p['num_images']} image(s) of {p['width']}x{p['height']}"
-        oom = _friendly_oom(what, "fewer images or a smaller size")
-        with oom, _compiled_only(self.compiled("image") and not self._warming_up):
-            if init_image is not None:
-                total = int(p["refiner_inference_steps"] * p["strength"])
-                with lora_disabled(self.refiner.text_encoder_2):  # shared with the base; LoRAs are base-only
-                    images = self.refiner(image=init_image, strength=p["strength"],
-                                          num_inference_steps=p["refiner_inference_steps"],
-                                          callback_on_step_end=_step_callback(progress, "refine", 0, total),
-                                          **common).images
-            else:
-                base_steps = int(p["num_inference_steps"] * p["high_noise_frac"])
-                refiner_steps = p["refiner_inference_steps"] - int(p["refiner_inference_steps"] * p["high_noise_frac"])
-                total = base_steps + refiner_steps
-                latents = self.base(height=p["height"], width=p["width"], num_inference_steps=p["num_inference_steps"],
-                                    denoising_end=p["high_noise_frac"], output_type="latent",
-                                    callback_on_step_end=_step_callback(progress, "base", 0, total),
-                                    **common).images
-                with lora_disabled(self.refiner.text_encoder_2):
-                    images = self.refiner(image=latents, num_inference_steps=p["refiner_inference_steps"],
-                                          denoising_start=p["high_noise_frac"],
-                                          callback_on_step_end=_step_callback(progress, "refine", base_steps, total),
-                                          **common).images
-        timings = {"load_s": load_s, "inference_s": time.perf_counter() - start}
-        return images, timings | ({"lora_s": lora_s} if loras else {})
-
-    def generate_video(self, p: dict[str, Any], image: Image.Image,
-                       progress: Progress) -> tuple[np.ndarray, dict[str, float]]:
-        """Wan2.1 image-to-video; `image` is already resized to p["width"] x p["height"]."""
+    def generate(self, job: VideoJob, image: Image.Image, progress: Progress | None = None,
+                 cancelled: Cancelled | None = None) -> tuple[np.ndarray, dict[str, float]]:
+        """Wan2.1 image-to-video; `image` is already the job's size. Returns frames (F, H, W, 3) in [0, 1]."""
         from diffusers import UniPCMultistepScheduler
 
-        load_s = self.prepare("video")
-        loras = job_loras(p, self.settings)  # with preset "fast", its step-distilled LoRA first
-        lora_s = self._use_loras("wan", loras)
-        self.wan.scheduler = UniPCMultistepScheduler.from_config(self.wan.scheduler.config, flow_shift=p["flow_shift"])
-        generator = torch.Generator("cpu").manual_seed(p["seed"])
+        self.load()
+        lora_s = self._use_loras(
+            job.loras, lambda: PipelineLoras(self.pipe, "transformer", "the Wan2.1 I2V transformer"),
+            # Group offload keeps its own copies of the weights, so fused weights would not stay fused.
+            self.settings.lora_fuse and self.placement.wan_profile != "lowvram")
+        self.pipe.scheduler = UniPCMultistepScheduler.from_config(self.pipe.scheduler.config,
+                                                                  flow_shift=job.flow_shift)
         start = time.perf_counter()
-        what = f"{p['num_frames']} frames of {p['width']}x{p['height']}"
-        with (_friendly_oom(what, "fewer frames or a smaller size"), _step_cache(self.wan.transformer, p),
-              _compiled_only(self.compiled("video") and not self._warming_up)):
-            frames = self.wan(
-                image=image, prompt=p["prompt"], negative_prompt=p["negative_prompt"], height=p["height"],
-                width=p["width"], num_frames=p["num_frames"], num_inference_steps=p["num_inference_steps"],
-                guidance_scale=p["guidance_scale"], generator=generator, output_type="np",
-                callback_on_step_end=_step_callback(progress, "denoise", 0, p["num_inference_steps"]),
+        oom = _friendly_oom(f"{job.num_frames} frames of {job.width}x{job.height}", "fewer frames or a smaller size")
+        with oom, _step_cache(self.pipe.transformer, job), self._stance():
+            frames = self.pipe(
+                image=image, prompt=job.prompt, negative_prompt=job.negative_prompt, height=job.height,
+                width=job.width, num_frames=job.num_frames, num_inference_steps=job.num_inference_steps,
+                guidance_scale=job.guidance_scale, generator=torch.Generator("cpu").manual_seed(job.seed),
+                output_type="np", callback_on_step_end=_step_callback(
+                    progress, "denoise", 0, job.num_inference_steps, cancelled, self.on_step),
             ).frames[0]
-        timings = {"load_s": load_s, "inference_s": time.perf_counter() - start}
-        return frames, timings | ({"lora_s": lora_s} if loras else {})
+        timings = {"inference_s": time.perf_counter() - start}
+        return frames, timings | ({"lora_s": lora_s} if job.loras else {})
+
+
+class ModelHandler:
+    """Holds both models for the life of the worker process and keeps the one a job needs on the GPU."""
+
+    def __init__(self, settings: Settings, device: str | None = None, gpu_memory_gib: float | None = None) -> None:
+        self.settings = settings
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            total = gpu_memory_gib or torch.cuda.get_device_properties(self.device).total_memory / GIB
+            self.placement = plan_placement(total, settings.memory_profile, settings.wan_fp8)
+        else:
+            self.placement = Placement(keep_both=True, wan_profile="full")
+        self.sdxl = SdxlModel(settings, self.device)
+        self.wan = WanModel(settings, self.device, self.placement)
+        log.info("device %s, placement %s", self.device, self.placement)
+
+    def model(self, mode: str) -> tuple[SdxlModel | WanModel, float]:
+        """The mode's model, loaded and on the GPU (the other parked first if both do not fit); load seconds."""
+        wanted, other = (self.sdxl, self.wan) if mode == "image" else (self.wan, self.sdxl)
+        if not self.placement.keep_both:
+            other.park()  # first, so its memory is free before this one loads or moves in
+        seconds = wanted.load()
+        wanted.resident()
+        return wanted, seconds
+
+    def start_up(self) -> dict[str, float]:
+        """Preload (PRELOAD_MODELS) and warm up compiled models; returns seconds per step.
+
+        A failure logs one line and leaves the worker serving (eager, or loading on the first job):
+        a worker that exits at boot is restarted by RunPod in a loop, and billed for it.
+        """
+        seconds: dict[str, float] = {}
+        for name, mode in (("sdxl", "image"), ("wan", "video")):
+            model = self.sdxl if mode == "image" else self.wan
+            if name not in self.settings.preload and not model.compiled:
+                continue
+            try:
+                _, seconds[f"{name}_load_s"] = self.model(mode)
+                if model.compiled:
+                    seconds[f"{name}_warm_up_s"] = model.warm_up()
+            except Exception as err:  # noqa: BLE001 - keep serving; each job then reports its own error
+                log.error("start-up of %s failed, the worker keeps serving (%s: %s)", name, type(err).__name__,
+                          str(err).splitlines()[0][:300] if str(err) else "")
+                free_memory()
+        return seconds
+
+
+class CompileCache:
+    """torch's portable compile artifacts in one file per key, shared by an endpoint's workers on its volume.
+
+    The key covers torch, triton, the GPU, the model's config and the speed switches, so a worker never
+    loads another setup's kernels. The file is written to a temporary name and renamed into place, so two
+    workers starting together never see a partial file.
+    """
+
+    def __init__(self, directory: str | None, key: str) -> None:
+        self.path = Path(directory) / f"{key}.bin" if directory else None
+
+    def load(self) -> bool:
+        if self.path is None or not self.path.is_file():
+            return False
+        try:
+            torch.compiler.load_cache_artifacts(self.path.read_bytes())
+            return True
+        except Exception as err:  # noqa: BLE001 - a bad cache costs a compile, never the worker
+            log.warning("compile cache %s could not be loaded (%s); compiling instead", self.path, err)
+            return False
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            artifacts = torch.compiler.save_cache_artifacts()
+            if artifacts is None:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.path.parent, prefix=f".{self.path.name}.", delete=False) as tmp:
+                tmp.write(artifacts[0])
+            os.replace(tmp.name, self.path)
+            log.info("compile cache written to %s (%.1f MB)", self.path, len(artifacts[0]) / 1e6)
+        except Exception as err:  # noqa: BLE001 - a read-only or full volume costs the next worker a compile
+            log.warning("compile cache %s could not be written (%s)", self.path, err)
 
 
 @contextmanager
-def _step_cache(transformer: torch.nn.Module, p: dict[str, Any]) -> Iterator[None]:
+def _step_cache(transformer: torch.nn.Module, job: VideoJob) -> Iterator[None]:
     """Enable the request's step cache for one job only; always removed afterwards."""
-    kind = p.get("step_cache", "off")
-    if kind == "off":
+    if job.step_cache == "off":
         yield
         return
     from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
-    config = (FirstBlockCacheConfig(threshold=p["step_cache_threshold"]) if kind == "first_block"
-              # Lite mode predicts only proj_out and skips the blocks on predicted steps. Caching every
-              # block's attn1/attn2/ffn outputs instead ran out of memory on an 80 GB H100 at 480x832x33
-              # (Taylor factors for 120 modules x cond/uncond); diffusers' default patterns match no Wan module.
+    config = (FirstBlockCacheConfig(threshold=job.step_cache_threshold) if job.step_cache == "first_block"
+              # Lite mode predicts only proj_out and skips the blocks on predicted steps: caching every
+              # block's outputs ran out of memory at full size; diffusers' default patterns match no Wan module.
               else TaylorSeerCacheConfig(taylor_factors_dtype=transformer.dtype, use_lite_mode=True))
     transformer.enable_cache(config)
     try:
         yield
     finally:
         transformer.disable_cache()
-
-
-def _compiled_only(enabled: bool):
-    """Within a user job, code the warm-up did not compile runs eager instead of compiling.
-
-    Compiling takes minutes (SDXL's whole UNets 3-4.5, Wan's float8 blocks up to 10 on an H100): a
-    request at another size, with several images or with unfused LoRAs (new modules) would stall on
-    it. So only the warmed-up shapes run compiled. Off during warm_up (whose first compile this
-    stance would skip too) and with the model's *_COMPILE switch off.
-    """
-    return torch.compiler.set_stance("eager_on_recompile") if enabled else nullcontext()
 
 
 def _fp8_capable(device: torch.device) -> bool:
@@ -425,9 +545,15 @@ def _quantize_fp8(transformer: torch.nn.Module) -> None:
               filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear) and fqn.startswith("blocks."))
 
 
-def _step_callback(progress: Progress, phase: str, offset: int, total: int):
+def _step_callback(progress: Progress | None, phase: str, offset: int, total: int, cancelled: Cancelled | None,
+                   on_step: Callable[[], None] | None = None):
     def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
-        progress(phase, offset + step + 1, total)
+        if on_step is not None:
+            on_step()
+        if cancelled is not None and cancelled():
+            raise JobCancelled(f"The job was cancelled after {phase} step {offset + step + 1} of {total}.")
+        if progress is not None:
+            progress(phase, offset + step + 1, total)
         return kwargs
 
     return callback

@@ -1,19 +1,29 @@
-"""The request contract: every input field of both modes, declared once, and its validation.
+"""The request contract: every input field of both modes, declared once, and the one check of a job.
 
 INPUT_SCHEMA maps each mode ("image", "video") to its fields. Each field carries its type,
-default, bounds or choices and a one-sentence description; `validate_input` enforces all of
-them itself (runpod's rp_validator skips constraints whenever a value has the default's
-type, see DESIGN.md section 3) and raises `InputError` with one sentence naming the field,
-the value received and what is allowed. The README parameter tables are generated from
-this module (`python schemas.py`) and a test checks they match.
+default, bounds or choices and a one-sentence description. `validate_input(raw, settings)`
+enforces all of them itself (runpod's rp_validator skips constraints whenever a value has the
+type of the field's default) and every rule that involves several fields or the worker's
+limits, in the order a reader expects, and returns a frozen `ImageJob` or `VideoJob` with the
+preset applied and the LoRAs resolved. Rules that need the input image's size live in
+`size_image_job` / `size_video_job`, called once the image is fetched. Every refusal is an
+`InputError` whose one sentence names the field, the value received and what is allowed.
+The README parameter tables are generated from this module (`python schemas.py`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import re
 import secrets
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlparse
+
+from settings import Settings
 
 MODES = ("image", "video")
 # worker-sdxl's seven schedulers plus two common modern ones; each applies to base and refiner.
@@ -28,6 +38,8 @@ WAN_NEGATIVE_PROMPT = (
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 VIDEO_MAX_AREA = 480 * 832  # Wan2.1-I2V-480P's training area; derived sizes stay inside it
+IMAGE_SIDES = (128, 2048)
+VIDEO_SIDES = (64, 1280)
 MAX_SEED = 2**32 - 1
 # A 20 MB image as base64 is ~27 M characters; anything longer is refused before decoding.
 MAX_IMAGE_URL_CHARS = 28_000_000
@@ -116,12 +128,16 @@ IMAGE_FIELDS: dict[str, Param] = {
     "mode": MODE,
     "prompt": Param(str, "Text prompt; required unless image_url is given.", max_length=MAX_PROMPT_CHARS),
     "negative_prompt": Param(str, "What the image should not show.", max_length=MAX_PROMPT_CHARS),
-    "height": Param(int, "Image height in pixels.", default=1024, minimum=128, maximum=2048, multiple_of=8),
-    "width": Param(int, "Image width in pixels.", default=1024, minimum=128, maximum=2048, multiple_of=8),
+    "height": Param(int, "Image height in pixels (with image_url: the output keeps the input's aspect ratio at "
+                         "height x width pixels).", default=1024, minimum=IMAGE_SIDES[0], maximum=IMAGE_SIDES[1],
+                    multiple_of=8),
+    "width": Param(int, "Image width in pixels.", default=1024, minimum=IMAGE_SIDES[0], maximum=IMAGE_SIDES[1],
+                   multiple_of=8),
     "seed": SEED,
     "scheduler": Param(str, "Sampler used by both base and refiner.", default="DDIM", choices=SCHEDULERS),
-    "num_inference_steps": Param(int, "Denoising steps of the base model's schedule.", default=25,
-                                 minimum=1, maximum=150),
+    "num_inference_steps": Param(int, "Denoising steps of the base model's schedule (at least 2: the base "
+                                      "model runs the first high_noise_frac of them).", default=25,
+                                 minimum=2, maximum=150),
     "refiner_inference_steps": Param(int, "Denoising steps of the refiner's schedule.", default=50,
                                      minimum=1, maximum=150),
     "guidance_scale": Param(float, "Classifier-free guidance; higher follows the prompt more closely.",
@@ -160,9 +176,10 @@ VIDEO_FIELDS: dict[str, Param] = {
                                   minimum=0, maximum=1, exclusive_minimum=True),
     "seed": SEED,
     "height": Param(int, "Video height; when height and width are absent they follow the image's aspect ratio "
-                         "inside 480x832.", minimum=64, maximum=1280, multiple_of=16),
-    "width": Param(int, "Video width; give both height and width or neither.", minimum=64, maximum=1280,
-                   multiple_of=16),
+                         "inside 480x832; when given, the image is scaled and center-cropped to fill them.",
+                    minimum=VIDEO_SIDES[0], maximum=VIDEO_SIDES[1], multiple_of=16),
+    "width": Param(int, "Video width; give both height and width or neither.", minimum=VIDEO_SIDES[0],
+                   maximum=VIDEO_SIDES[1], multiple_of=16),
     "preset": Param(str, "'quality' uses the defaults above; 'fast' adds a step-distilled LoRA (WAN_FAST_LORA, or "
                          "the request's loras) and defaults to 4 steps, guidance_scale 1.0 and flow_shift 5.0; "
                          "fields given explicitly still win.", default="quality", choices=tuple(VIDEO_PRESETS)),
@@ -176,7 +193,10 @@ INPUT_SCHEMA: dict[str, dict[str, Param]] = {"image": IMAGE_FIELDS, "video": VID
 def shorten(value: Any, limit: int = 60) -> str:
     """A value as the user sent it, cut short so an error never echoes a whole payload."""
     text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+    if len(text) <= limit:
+        return text
+    count = len(value) if isinstance(value, str) else len(text)  # a string's own length, not its repr's
+    return f"{text[:limit]}... ({count:,} characters)"
 
 
 def _kind(value: Any) -> str:
@@ -244,71 +264,304 @@ def _coerce_items(name: str, param: Param, value: list) -> list[dict[str, Any]]:
     return entries
 
 
-def validate_input(raw: Any) -> dict[str, Any]:
-    """Validate a job's input; returns every field of its mode with defaults filled in.
+# ------------------------------------------------------------------------------------ LoRA sources
+DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA in a hub repo
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[^\s]+))?$")
 
-    Raises InputError with a one-sentence message on the first problem found.
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA of a job: where its file is, how strongly it applies, and how errors name it."""
+
+    kind: str  # "url" | "hub" | "local"
+    location: str  # the URL, the hub repo id, or the resolved local path
+    filename: str | None  # the file inside a hub repo
+    scale: float
+    label: str  # "Field 'loras[0].path'" or "WAN_FAST_LORA": how messages name where it came from
+    shown: str  # the path as given, cut short
+
+    @property
+    def key(self) -> str:
+        """sha256 of the source: the disk cache's file name and the adapter's identity."""
+        return hashlib.sha256(f"{self.kind}\n{self.location}\n{self.filename}".encode()).hexdigest()
+
+    @property
+    def adapter_name(self) -> str:
+        return f"lora_{self.key[:16]}"
+
+    def names(self) -> str:
+        """The start of every error sentence about this LoRA."""
+        return f"{self.label} names the LoRA {self.shown}, which"
+
+
+def parse_source(path: str, label: str, roots: Iterable[str], weight_name: str | None = None,
+                 scale: float = 1.0) -> LoraSpec:
+    """Check a LoRA path's form (and, for a local file, that it lies inside `roots`); no I/O besides realpath."""
+    text = path.strip()
+    shown = shorten(text, 100)
+    if re.match(r"^https?://", text, flags=re.I):
+        if weight_name:
+            raise InputError(f"{label} is a URL, {shown}, so weight_name (which picks a file in a hub repo) must "
+                             f"be left out.")
+        if not urlparse(text).hostname:
+            raise InputError(f"{label} must be an http(s) URL with a host name, got {shown}.")
+        return LoraSpec("url", text, None, scale, label, shown)
+    if text.startswith("/"):
+        if weight_name:
+            raise InputError(f"{label} is a local path, {shown}, so weight_name (which picks a file in a hub repo) "
+                             f"must be left out.")
+        if not text.lower().endswith(".safetensors"):
+            raise InputError(f"{label} must name a .safetensors file, got {shown}; pickled .ckpt/.pt/.bin files "
+                             f"are not loaded.")
+        real = os.path.realpath(text)
+        allowed = [os.path.realpath(r) for r in roots]
+        if not any(os.path.commonpath([real, r]) == r for r in allowed):
+            raise InputError(f"{label} is the local path {shown}, which lies outside the folders LoRAs may be "
+                             f"read from ({', '.join(allowed)}); put the file there or send a URL.")
+        return LoraSpec("local", real, None, scale, label, shown)
+    match = _HUB_ID.match(text)
+    if not match:
+        raise InputError(f"{label} must be an http(s) URL, a Hugging Face repo id ('owner/name', optionally "
+                         f"followed by '/file.safetensors') or an absolute path of a .safetensors file, got {shown}.")
+    if not match["file"] and match["repo"].lower().endswith(".safetensors"):
+        raise InputError(f"{label} looks like a relative file path, {shown}; a local LoRA needs an absolute path "
+                         f"and a hub repo id is 'owner/name'.")
+    if match["file"] and weight_name:
+        raise InputError(f"{label} names the file {shorten(match['file'], 60)} inside the repo and weight_name "
+                         f"names another; give the file in one of them.")
+    filename = match["file"] or weight_name or DEFAULT_WEIGHT_NAME
+    if ".." in filename.split("/") or filename.startswith("/") or not filename.lower().endswith(".safetensors"):
+        raise InputError(f"{label} must name a .safetensors file inside the repo {match['repo']!r}, got "
+                         f"{shorten(filename, 60)}.")
+    return LoraSpec("hub", match["repo"], filename, scale, label, shown)
+
+
+def _resolve_loras(entries: list[dict[str, Any]], preset: str | None, settings: Settings) -> tuple[LoraSpec, ...]:
+    """The job's LoRAs in order: the video preset "fast" puts its step-distilled LoRA first.
+
+    With preset "fast", WAN_FAST_LORA (scale 1.0) is added unless the request lists the same
+    file (then the request's scale applies). Without WAN_FAST_LORA the request's `loras` are
+    taken as the step-distilled LoRA(s); with neither, "fast" is refused.
     """
+    specs = [parse_source(entry["path"], f"Field 'loras[{i}].path'", settings.lora_roots, entry.get("weight_name"),
+                          entry["scale"]) for i, entry in enumerate(entries)]
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.key in seen:
+            raise InputError(f"{spec.label} repeats the LoRA of loras[{seen[spec.key]}], {spec.shown}; list each "
+                             f"LoRA once and set its scale.")
+        seen[spec.key] = i
+    if preset == "fast":
+        if settings.wan_fast_lora:
+            fast = parse_source(settings.wan_fast_lora, "WAN_FAST_LORA", settings.lora_roots)
+            if fast.key not in seen:
+                specs.insert(0, fast)
+        elif not specs:
+            raise InputError("Field 'preset' is 'fast', which needs a step-distilled LoRA, but this worker has no "
+                             "WAN_FAST_LORA configured; send one in 'loras' (for example lightx2v's Wan2.1 I2V 480P "
+                             "StepDistill-CfgDistill LoRA) or ask for preset 'quality'.")
+    return tuple(specs)
+
+
+# ------------------------------------------------------------------------------------ jobs
+@dataclass(frozen=True)
+class ImageJob:
+    """A checked SDXL job: base + refiner as an ensemble of experts, or refiner img2img with image_url."""
+
+    prompt: str | None
+    negative_prompt: str | None
+    height: int
+    width: int
+    seed: int
+    scheduler: str
+    num_inference_steps: int
+    refiner_inference_steps: int
+    guidance_scale: float
+    strength: float
+    image_url: str | None
+    num_images: int
+    high_noise_frac: float
+    loras: tuple[LoraSpec, ...]
+    output: str
+    mode: str = "image"
+
+    @property
+    def base_steps(self) -> int:
+        """Steps the base model runs before the refiner takes over (as counted for progress)."""
+        return 0 if self.image_url else int(self.num_inference_steps * self.high_noise_frac)
+
+    @property
+    def refiner_steps(self) -> int:
+        if self.image_url:
+            return int(self.refiner_inference_steps * self.strength)
+        return self.refiner_inference_steps - int(self.refiner_inference_steps * self.high_noise_frac)
+
+
+@dataclass(frozen=True)
+class VideoJob:
+    """A checked Wan2.1 image-to-video job; height and width are None until sized from the input image."""
+
+    image_url: str
+    prompt: str
+    negative_prompt: str
+    num_frames: int
+    fps: int
+    guidance_scale: float
+    num_inference_steps: int
+    flow_shift: float
+    step_cache: str
+    step_cache_threshold: float
+    seed: int
+    height: int | None
+    width: int | None
+    preset: str
+    loras: tuple[LoraSpec, ...]
+    output: str
+    mode: str = "video"
+
+    @property
+    def tokens(self) -> int:
+        """Transformer sequence length: latent frames x (H/16) x (W/16)."""
+        return ((self.num_frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
+
+
+Job = ImageJob | VideoJob
+
+
+def validate_input(raw: Any, settings: Settings | None = None) -> Job:
+    """Check a job's input against the schema and this worker's settings; returns the typed job.
+
+    The order: the input's shape, then each field's type and bounds, then the preset, then the
+    rules between fields, then the worker's limits and configuration, then the LoRAs. Raises
+    InputError with one sentence on the first problem found.
+    """
+    settings = settings or Settings()
     if not isinstance(raw, dict):
         raise InputError(f"The job input must be a JSON object, got {_kind(raw)} {shorten(raw)}.")
     mode = raw.get("mode") if raw.get("mode") is not None else "image"
     _coerce("mode", MODE, mode)
-    fields = INPUT_SCHEMA[mode]
-
-    unknown = sorted(k for k in raw if k not in fields)
+    schema = INPUT_SCHEMA[mode]
+    unknown = sorted(k for k in raw if k not in schema)
     if unknown:
         raise InputError(f"Field {shorten(unknown[0])} is not accepted in mode '{mode}'; "
-                         f"allowed fields are: {', '.join(fields)}.")
-
-    params: dict[str, Any] = {}
-    for name, param in fields.items():
+                         f"allowed fields are: {', '.join(schema)}.")
+    p: dict[str, Any] = {}
+    for name, param in schema.items():
         value = raw.get(name)
         if value is None:
             if param.required:
                 raise InputError(f"Field '{name}' is required in mode '{mode}' and must be {param.allowed()}.")
-            params[name] = [] if param.type is list else param.default
+            p[name] = [] if param.type is list else param.default
         else:
-            params[name] = _coerce(name, param, value)
+            p[name] = _coerce(name, param, value)
     # A preset changes defaults only: a field the request gives keeps its value.
-    for name, value in VIDEO_PRESETS.get(params.get("preset"), {}).items():
+    for name, value in VIDEO_PRESETS.get(p.get("preset"), {}).items():
         if raw.get(name) is None:
-            params[name] = value
-    _check_combinations(mode, params)
-    if params["seed"] is None:
-        params["seed"] = secrets.randbelow(MAX_SEED + 1)
-    return params
-
-
-def _check_combinations(mode: str, p: dict[str, Any]) -> None:
-    """Rules that involve more than one field."""
+            p[name] = value
+    if p["seed"] is None:
+        p["seed"] = secrets.randbelow(MAX_SEED + 1)
+    if p["output"] == "s3" and settings.bucket is None:
+        raise InputError("Field 'output' is 's3' but no bucket is configured (BUCKET_ENDPOINT_URL, "
+                         "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY); ask for 'auto' or 'base64'.")
     if mode == "video":
-        if not p["prompt"].strip():
-            raise InputError("Field 'prompt' must describe the video, got an empty string.")
-        if (p["height"] is None) != (p["width"] is None):
-            given = "height" if p["height"] is not None else "width"
-            raise InputError(f"Field '{given}' was given without its partner; send both height and width, "
-                             f"or neither to follow the image's aspect ratio.")
-        return
-    if not p["prompt"] and not p["image_url"]:
+        job = VideoJob(**(p | {"loras": ()}))
+        _check_video(job, settings)
+    else:
+        job = ImageJob(**(p | {"loras": ()}))
+        _check_image(job, settings, with_loras=bool(p["loras"]))
+    # Last: a LoRA path is checked (and the fast preset's LoRA added) only for an otherwise valid job.
+    return replace(job, loras=_resolve_loras(p["loras"], p.get("preset"), settings))
+
+
+def _check_image(job: ImageJob, settings: Settings, with_loras: bool) -> None:
+    if not job.prompt and not job.image_url:
         raise InputError("Field 'prompt' is required in mode 'image' unless image_url is given.")
-    if p["image_url"] and p["loras"]:
+    if job.image_url and with_loras:
         raise InputError("Field 'loras' applies to the SDXL base model, which does not run when image_url is given "
                          "(img2img runs only the refiner); send loras without image_url, or image_url without loras.")
-    if p["image_url"]:
-        if int(p["refiner_inference_steps"] * p["strength"]) < 1:
-            raise InputError(f"Field 'strength' is {_num(p['strength'])}, which with refiner_inference_steps="
-                             f"{p['refiner_inference_steps']} leaves no refiner step; raise either so that their "
+    if job.image_url:
+        if job.refiner_steps < 1:
+            raise InputError(f"Field 'strength' is {_num(job.strength)}, which with refiner_inference_steps="
+                             f"{job.refiner_inference_steps} leaves no refiner step; raise either so that their "
                              f"product is at least 1.")
     else:
-        if int(p["num_inference_steps"] * p["high_noise_frac"]) < 1:
-            raise InputError(f"Field 'high_noise_frac' is {_num(p['high_noise_frac'])}, which with "
-                             f"num_inference_steps={p['num_inference_steps']} leaves the base model no step; "
+        if job.base_steps < 1:
+            raise InputError(f"Field 'high_noise_frac' is {_num(job.high_noise_frac)}, which with "
+                             f"num_inference_steps={job.num_inference_steps} leaves the base model no step; "
                              f"raise either so that their product is at least 1.")
-        refiner = p["refiner_inference_steps"]
-        if refiner - int(refiner * p["high_noise_frac"]) < 1:
-            raise InputError(f"Field 'high_noise_frac' is {_num(p['high_noise_frac'])}, which with "
-                             f"refiner_inference_steps={p['refiner_inference_steps']} leaves the refiner no step; "
+        if job.refiner_steps < 1:
+            raise InputError(f"Field 'high_noise_frac' is {_num(job.high_noise_frac)}, which with "
+                             f"refiner_inference_steps={job.refiner_inference_steps} leaves the refiner no step; "
                              f"lower it or raise refiner_inference_steps.")
+    _check_pixels(job, settings)
+
+
+def _check_pixels(job: ImageJob, settings: Settings) -> None:
+    pixels = job.num_images * job.height * job.width
+    if pixels > settings.max_image_pixels:
+        raise InputError(f"Fields num_images x height x width ask for {pixels:,} pixels; this worker allows at "
+                         f"most {settings.max_image_pixels:,} per job (MAX_IMAGE_PIXELS), so ask for fewer or "
+                         f"smaller images.")
+
+
+def _check_video(job: VideoJob, settings: Settings) -> None:
+    if not job.prompt.strip():
+        raise InputError("Field 'prompt' must describe the video, got an empty string.")
+    if (job.height is None) != (job.width is None):
+        given = "height" if job.height is not None else "width"
+        raise InputError(f"Field '{given}' was given without its partner; send both height and width, "
+                         f"or neither to follow the image's aspect ratio.")
+    if job.step_cache != "off" and settings.wan_compile:
+        # The cache hooks wrap the transformer blocks, which torch.compile(fullgraph=True) cannot trace.
+        raise InputError(f"Field 'step_cache' is {job.step_cache!r}, but this worker runs with WAN_COMPILE=1, "
+                         f"which step caching cannot be combined with; send 'off'.")
+    if job.height is not None:
+        _check_tokens(job, settings)  # before anything is fetched
+
+
+def _check_tokens(job: VideoJob, settings: Settings) -> None:
+    if job.tokens > settings.max_video_tokens:
+        raise InputError(f"Fields num_frames={job.num_frames}, height={job.height}, width={job.width} make "
+                         f"{job.tokens:,} transformer tokens; this worker allows at most "
+                         f"{settings.max_video_tokens:,} (MAX_VIDEO_TOKENS, about 1.5x a 480x832 81-frame video) "
+                         f"to stay within GPU memory and time, so ask for fewer frames or a smaller size.")
+
+
+def fit_area(width: int, height: int, area: int, multiple: int) -> tuple[int, int]:
+    """Size with the aspect ratio of width x height and about `area` pixels, each side a multiple.
+
+    This is the recipe of diffusers' Wan I2V example (1280x720 -> 832x464 inside 480x832).
+    """
+    aspect = height / width
+    out_h = round(math.sqrt(area * aspect)) // multiple * multiple
+    out_w = round(math.sqrt(area / aspect)) // multiple * multiple
+    return out_w, out_h
+
+
+def _check_derived_size(image_size: tuple[int, int], size: tuple[int, int], sides: tuple[int, int],
+                        advice: str) -> None:
+    if not all(sides[0] <= side <= sides[1] for side in size):
+        raise InputError(f"Field 'image_url' is a {image_size[0]}x{image_size[1]} image whose aspect ratio gives a "
+                         f"{size[0]}x{size[1]} result; sides from {sides[0]} to {sides[1]} are allowed, so {advice}.")
+
+
+def size_image_job(job: ImageJob, image_size: tuple[int, int]) -> ImageJob:
+    """img2img keeps the input's aspect ratio at the requested pixel count (multiples of 8 for the VAE)."""
+    size = fit_area(*image_size, job.width * job.height, 8)
+    _check_derived_size(image_size, size, IMAGE_SIDES, "send a less elongated image")
+    return replace(job, width=size[0], height=size[1])
+
+
+def size_video_job(job: VideoJob, image_size: tuple[int, int], settings: Settings) -> VideoJob:
+    """A video without height/width takes the input's aspect ratio inside 480x832 (multiples of 16)."""
+    if job.height is not None:
+        return job
+    size = fit_area(*image_size, VIDEO_MAX_AREA, 16)
+    _check_derived_size(image_size, size, VIDEO_SIDES,
+                        "send height and width explicitly or a less elongated image")
+    job = replace(job, width=size[0], height=size[1])
+    _check_tokens(job, settings)
+    return job
 
 
 def markdown_tables() -> str:

@@ -11,7 +11,7 @@ import math
 import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -57,18 +57,15 @@ class Settings:
     max_input_image_bytes: int = 20 * 1024 * 1024
     max_input_image_pixels: int = 40_000_000
     fetch_timeout_s: float = 15.0
-    # GPU memory (GiB) kept free for activations when deciding whether SDXL and Wan fit together.
-    gpu_headroom_gib: float = 16.0
     # Speed and memory levers (README "Speed and memory"); each is switchable.
     memory_profile: str = "auto"  # auto | full | offload | lowvram
-    gpu_memory_gib: float | None = None  # overrides the card's size for the automatic choice
     wan_fp8: bool = False  # torchao float8 weights+activations for the transformer's block linears
     wan_compile: bool = False  # regional torch.compile of the Wan transformer blocks, warmed up at start
-    wan_load_to_gpu: bool = True  # load Wan's safetensors straight into GPU memory (profile "full")
     wan_vae_dtype: str = "float32"  # the model card's; bfloat16 halves the VAE's encode + decode time
     sdxl_compile: bool = False  # whole-UNet torch.compile with CUDA graphs, warmed up at start-up
-    sdxl_fuse_qkv: bool = False  # one fused QKV projection per attention layer in the SDXL UNets
-    attention_backend: str = "auto"  # diffusers attention backend; auto picks by what is importable
+    # Compiled kernels are kept here (the network volume when mounted) so that an endpoint compiles once.
+    compile_cache_dir: str | None = None
+    num_gpus: int = 1  # GPUs one worker spreads a video over (context parallelism, parallel.py)
     # runpod's own logger defaults to DEBUG, which prints whole job inputs (megabytes of base64).
     runpod_log_level: str = "INFO"
     # Set by RunPod on its workers; without it the worker runs locally (test_input / local API).
@@ -79,10 +76,17 @@ class Settings:
     lora_cache_dir: str = str(Path(tempfile.gettempdir()) / "lora-cache")
     lora_cache_bytes: int = 20 * 1024**3
     lora_max_bytes: int = 4 * 1024**3  # largest single LoRA download
-    lora_fetch_timeout_s: float = 600.0
     lora_fuse: bool = False  # fuse LoRAs into the denoiser's weights (originals kept in CPU memory)
     lora_roots: tuple[str, ...] = ()  # folders a local LoRA path may point into
     wan_fast_lora: str | None = None  # the step-distilled LoRA of the video preset "fast"
+
+
+    def summary(self) -> str:
+        """The settings that differ from the defaults, as one short line for the start-up log."""
+        default = Settings()
+        changed = {f.name: getattr(self, f.name) for f in fields(self)
+                   if getattr(self, f.name) != getattr(default, f.name) and f.name != "lora_roots"}
+        return ", ".join(f"{name}={value!r}" for name, value in changed.items()) or "all defaults"
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -190,8 +194,7 @@ def _gib(env: Mapping[str, str], name: str, default: int) -> int:
 
 def _lora_settings(env: Mapping[str, str]) -> dict:
     """Where LoRA files may come from and where downloads are cached."""
-    from loras import parse_source  # import here: loras imports schemas, not settings
-    from schemas import InputError
+    from schemas import InputError, parse_source  # import here: schemas imports settings
 
     volume = Path("/runpod-volume")
     default_cache = str(volume / "lora-cache") if volume.is_dir() else Settings.lora_cache_dir
@@ -206,8 +209,18 @@ def _lora_settings(env: Mapping[str, str]) -> dict:
             raise SettingsError(str(err)) from None
     return dict(lora_cache_dir=cache_dir, lora_cache_bytes=_gib(env, "LORA_CACHE_GB", Settings.lora_cache_bytes),
                 lora_max_bytes=_gib(env, "LORA_MAX_GB", Settings.lora_max_bytes),
-                lora_fetch_timeout_s=_float(env, "LORA_FETCH_TIMEOUT_S", Settings.lora_fetch_timeout_s),
                 lora_fuse=_flag(env, "LORA_FUSE"), lora_roots=roots, wan_fast_lora=fast)
+
+
+def _compile_cache_dir(env: Mapping[str, str]) -> str | None:
+    """COMPILE_CACHE_DIR, else a folder on the network volume when one is mounted ("off" disables it)."""
+    raw = env.get("COMPILE_CACHE_DIR", "").strip()
+    if raw.lower() in ("off", "0", "none"):
+        return None
+    if raw:
+        return raw
+    volume = Path("/runpod-volume")
+    return str(volume / "torch-compile-cache") if volume.is_dir() else None
 
 
 def load_settings(env: Mapping[str, str]) -> Settings:
@@ -219,7 +232,6 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     profile = env.get("MEMORY_PROFILE", "").strip() or "auto"
     if profile not in ("auto", "full", "offload", "lowvram"):
         raise SettingsError(f"MEMORY_PROFILE must be auto, full, offload or lowvram, got {profile!r}.")
-    gpu_memory = _float(env, "GPU_MEMORY_GIB", 0.0) or None
     vae_dtype = env.get("WAN_VAE_DTYPE", "").strip() or Settings.wan_vae_dtype
     if vae_dtype not in ("float32", "bfloat16"):
         raise SettingsError(f"WAN_VAE_DTYPE must be float32 or bfloat16, got {vae_dtype!r}.")
@@ -238,17 +250,14 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         max_input_image_bytes=_int(env, "MAX_INPUT_IMAGE_BYTES", Settings.max_input_image_bytes),
         max_input_image_pixels=_int(env, "MAX_INPUT_IMAGE_PIXELS", Settings.max_input_image_pixels),
         fetch_timeout_s=_float(env, "FETCH_TIMEOUT_S", Settings.fetch_timeout_s) or Settings.fetch_timeout_s,
-        gpu_headroom_gib=_float(env, "GPU_HEADROOM_GIB", Settings.gpu_headroom_gib),
         memory_profile=profile,
-        gpu_memory_gib=gpu_memory,
         wan_fp8=_flag(env, "WAN_FP8"),
         wan_compile=_flag(env, "WAN_COMPILE"),
-        wan_load_to_gpu=_flag(env, "WAN_LOAD_TO_GPU", default=True),
         wan_vae_dtype=vae_dtype,
         sdxl_compile=_flag(env, "SDXL_COMPILE"),
-        sdxl_fuse_qkv=_flag(env, "SDXL_FUSE_QKV"),
-        attention_backend=env.get("ATTENTION_BACKEND", "").strip() or "auto",
-        runpod_log_level=env.get("RUNPOD_LOG_LEVEL") or env.get("RUNPOD_DEBUG_LEVEL") or "INFO",
+        compile_cache_dir=_compile_cache_dir(env),
+        num_gpus=_int(env, "NUM_GPUS", 1),
+        runpod_log_level=env.get("RUNPOD_LOG_LEVEL") or "INFO",
         on_runpod=bool(env.get("RUNPOD_WEBHOOK_GET_JOB")),
         local_output_dir=env.get("LOCAL_OUTPUT_DIR") or "outputs",
         mp4_preset=mp4_preset,

@@ -117,11 +117,20 @@ def deliver(artifacts: list[Artifact], job_id: str, bucket: Bucket | None, outpu
             attempts: int | None = None, backoff_s: float | None = None) -> tuple[list[str], list[str]]:
     """Return (one URL or data URI per artifact, warnings) according to the request's `output`.
 
-    output 'base64' always inlines; 'auto' and 's3' upload when a bucket is configured ('s3' without
-    one is refused by the handler before any generation, so no result is made only to be dropped).
+    output 'base64' (or no bucket) inlines, refusing a result RunPod could not carry; 'auto' and 's3'
+    upload when a bucket is configured ('s3' without one is refused when the job is checked, so no
+    result is made only to be dropped).
     """
     if bucket is None or output == "base64":
-        return [data_uri(a.data, a.mime) for a in artifacts], []
+        inline = [data_uri(a.data, a.mime) for a in artifacts]
+        size = sum(len(uri) for uri in inline)
+        if size > MAX_INLINE_CHARS:
+            # RunPod would drop a result this large; say so instead of losing it without a word.
+            raise DeliveryError(
+                f"The result is {size:,} characters as base64, over the {MAX_INLINE_CHARS:,} that RunPod carries "
+                f"inline for /run (20 MB for /runsync); configure a bucket (BUCKET_ENDPOINT_URL, "
+                f"BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY) to receive it as a URL, or ask for a smaller output.")
+        return inline, []
     attempts = UPLOAD_ATTEMPTS if attempts is None else max(1, attempts)
     try:
         return upload(artifacts, job_id, bucket, attempts=attempts, backoff_s=backoff_s), []

@@ -1,11 +1,9 @@
-"""Media in and out: safe decoding of input images, MP4/PNG encoding, data URIs, video sizing.
+"""Media in and out: safe decoding of input images, scaling them to a job's size, PNG/MP4 encoding, data URIs.
 
-Input images come from untrusted requests as an http(s) URL, a data URI or bare base64.
-URLs are fetched through runpod's SSRF-safe `safe_get` (public addresses only, re-checked on
-every redirect, pinned against DNS rebinding) under a hard overall deadline and a byte cap
-enforced while streaming; decoding is limited to common raster formats and a pixel budget
-checked from the header before any pixel is decoded. Every refusal is an `InputError` whose
-one sentence names the field, what was received (cut short) and what is allowed.
+Input images come from untrusted requests as an http(s) URL (fetched by fetch.py), a data URI
+or bare base64; decoding is limited to common raster formats and a pixel budget checked from
+the header before any pixel is decoded. Every refusal is an `InputError` whose one sentence
+names the field, what was received (cut short) and what is allowed.
 """
 
 from __future__ import annotations
@@ -13,21 +11,16 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
 import os
-import queue
 import re
 import tempfile
-import threading
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
-from urllib.parse import urlparse
 
 import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageOps
 
+from fetch import fetch_url
 from schemas import InputError, shorten
 
 # Formats PIL may decode. Leaves out EPS/PS (PIL hands those to Ghostscript) and exotic codecs.
@@ -100,134 +93,6 @@ def _b64decode(payload: str, field: str, max_bytes: int) -> bytes | None:
         return None
 
 
-def fetch_url(url: str, field: str, *, max_bytes: int, timeout_s: float) -> bytes:
-    """Download a user-supplied image URL into memory through `stream_url` (SSRF-safe, deadline, byte cap)."""
-    timeout_s = max(timeout_s, 0.01)
-    shown = shorten(url, 100)
-    words = Refusals(
-        start=f"Field '{field}' points to {shown}, which", thing="image",
-        cap=f"at most {max_bytes:,} bytes are accepted (MAX_INPUT_IMAGE_BYTES)",
-        slow=(f"Field '{field}' points to {shown}, which did not finish downloading within {timeout_s:g} s; images "
-              f"must download within FETCH_TIMEOUT_S={timeout_s:g} s or be sent as base64."),
-        no_host=f"Field '{field}' must be an http(s) URL with a host name, got {shown}.")
-    body = bytearray()
-    stream_url(url, body.extend, max_bytes=max_bytes, timeout_s=timeout_s, words=words)
-    return bytes(body)
-
-
-@dataclass(frozen=True)
-class Refusals:
-    """The wording of one download's refusals, so that image_url and LoRA files share `stream_url`."""
-
-    start: str  # how each sentence begins: "Field 'image_url' points to 'https://...', which"
-    thing: str  # what is downloaded: "image" or "file"
-    cap: str  # the byte cap: "at most 1,000 bytes are accepted (MAX_INPUT_IMAGE_BYTES)"
-    slow: str  # the whole sentence for a download that misses its deadline
-    no_host: str  # the whole sentence for a URL (or redirect) without a host name
-    allowed: str = "only public http(s) addresses are allowed"
-
-
-def stream_url(url: str, write: Callable[[bytes], object], *, max_bytes: int, timeout_s: float, words: Refusals,
-               chunk_size: int = _CHUNK) -> None:
-    """Stream a user-supplied URL to `write` with SSRF protection, a hard deadline and a streaming byte cap.
-
-    Runpod's `safe_get` allows public addresses only, checked again on every redirect and
-    pinned against DNS rebinding. The download runs in a daemon thread so that the deadline
-    holds whatever the server does (sleeps, trickles headers or body a byte at a time,
-    redirects slowly): at the deadline the caller gets `words.slow` and the thread stops at
-    its next read, which the socket timeout bounds; `write` is not called after that read.
-    Every refusal is an InputError of one sentence from `words`.
-    """
-    timeout_s = max(timeout_s, 0.01)
-    outcome: queue.SimpleQueue = queue.SimpleQueue()
-    cancelled = threading.Event()
-
-    def run() -> None:
-        try:
-            _stream(url, write, max_bytes, timeout_s, words, chunk_size, cancelled)
-            outcome.put(None)
-        except InputError as err:
-            outcome.put(err)
-        except Exception as err:  # noqa: BLE001 - odd URLs (bad port, IDNA, ...) become a refusal, not a crash
-            outcome.put(InputError(f"{words.start} cannot be fetched ({type(err).__name__}); send a reachable "
-                                   f"public http(s) URL."))
-
-    threading.Thread(target=run, name="fetch-url", daemon=True).start()
-    try:
-        result = outcome.get(timeout=timeout_s)
-    except queue.Empty:
-        cancelled.set()
-        raise InputError(words.slow) from None
-    if isinstance(result, InputError):
-        raise InputError(str(result)) from None
-
-
-def _stream(url: str, write: Callable[[bytes], object], max_bytes: int, timeout_s: float, words: Refusals,
-            chunk_size: int, cancelled: threading.Event) -> None:
-    import requests
-    import urllib3
-    from runpod.serverless.utils.rp_ssrf import SSRFError, safe_get
-
-    try:
-        response = safe_get(url, stream=True, timeout=(min(timeout_s, 10.0), min(timeout_s, 60.0)),
-                            max_bytes=max_bytes)
-    except SSRFError as err:
-        raise InputError(_refusal(str(err), url, words)) from None
-    except requests.Timeout:
-        raise InputError(words.slow) from None
-    except requests.RequestException as err:
-        raise InputError(f"{words.start} cannot be fetched ({type(err).__name__}); send a reachable public http(s) "
-                         f"URL.") from None
-    with response:
-        if response.status_code != 200:
-            raise InputError(f"{words.start} answered HTTP {response.status_code}; the {words.thing} must be served "
-                             f"with status 200.")
-        received = 0
-        try:
-            while not cancelled.is_set():
-                # read1: at most one socket read per call, so a trickling server cannot keep one
-                # call busy past the deadline; decoded output is capped at chunk_size (no gzip bomb).
-                chunk = response.raw.read1(chunk_size, decode_content=True)
-                if not chunk or cancelled.is_set():
-                    break
-                received += len(chunk)
-                if received > max_bytes:
-                    raise InputError(f"{words.start} sent more than {max_bytes:,} bytes; {words.cap}.")
-                write(chunk)
-        except (urllib3.exceptions.ReadTimeoutError, requests.Timeout):
-            raise InputError(words.slow) from None
-        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as err:
-            raise InputError(f"{words.start} broke off while sending the {words.thing} ({type(err).__name__}); "
-                             f"send a URL that serves the whole {words.thing}.") from None
-
-
-def _refusal(message: str, url: str, words: Refusals) -> str:
-    """One sentence for an SSRFError of runpod's safe_get (whose own text repeats the whole URL)."""
-    start, allowed = words.start, words.allowed
-    host = (urlparse(url).hostname or "").lower()
-    if m := re.match(r"host (['\"])(.*)\1 resolves to non-public address (\S+)$", message):
-        verb = "resolves" if m.group(2).lower() == host else f"redirects to {shorten(m.group(2), 40)}, which resolves"
-        return f"{start} {verb} to the non-public address {m.group(3)}; {allowed}."
-    if m := re.match(r"could not resolve host (['\"])(.*)\1", message):
-        what = "host" if m.group(2).lower() == host else f"redirect target {shorten(m.group(2), 40)}"
-        return f"{start} names a {what} that does not resolve; {allowed}."
-    if m := re.match(r"download exceeds size cap: (\d+) > ", message):
-        return f"{start} announces {int(m.group(1)):,} bytes; {words.cap}."
-    if m := re.match(r"exceeded maximum redirects \((\d+)\)", message):
-        return f"{start} redirects more than {m.group(1)} times; at most {m.group(1)} redirects are followed."
-    if m := re.match(r"blocked URL scheme (['\"])(.*)\1", message):
-        return f"{start} redirects to a {shorten(m.group(2), 20)} URL; {allowed}."
-    if message.startswith("refusing to fetch"):
-        return (f"{start} the worker's HTTP proxy settings would fetch without SSRF protection; unset the proxy "
-                f"for this host or set RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=true.")
-    if message.startswith("URL has no host"):
-        return words.no_host
-    if message.startswith("redirect without Location"):
-        return (f"{start} answered a redirect without a Location header; the {words.thing} must be served with "
-                f"status 200.")
-    return f"{start} cannot be fetched ({shorten(message.split(': http')[0])}); {allowed}."
-
-
 def decode_image(data: bytes, field: str, *, max_pixels: int) -> Image.Image:
     """Decode image bytes to RGB, refusing non-images, truncated files and decompression bombs."""
     if not data:
@@ -258,15 +123,15 @@ def decode_image(data: bytes, field: str, *, max_pixels: int) -> Image.Image:
                          f"starting {head!r}); send a {FORMAT_WORDS}.") from None
 
 
-def fit_area(width: int, height: int, area: int, multiple: int) -> tuple[int, int]:
-    """Size with the aspect ratio of width x height and about `area` pixels, each side a multiple.
+def cover(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale `image` to fill width x height and center-crop the overflow: never stretched.
 
-    This is the recipe of diffusers' Wan I2V example (1280x720 -> 832x464 inside 480x832).
+    Hosted Wan APIs do the same when the requested size has another aspect ratio than the input.
     """
-    aspect = height / width
-    out_h = round(math.sqrt(area * aspect)) // multiple * multiple
-    out_w = round(math.sqrt(area / aspect)) // multiple * multiple
-    return out_w, out_h
+    scale = max(width / image.width, height / image.height)
+    scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
+    return image.resize(scaled, Image.Resampling.BICUBIC).crop((left, top, left + width, top + height))
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -308,38 +173,3 @@ def frames_to_mp4(frames: np.ndarray, fps: int, crf: int = 18, preset: str = "ve
         writer.close()
         with open(path, "rb") as fh:
             return fh.read()
-
-
-def mp4_top_level_boxes(data: bytes) -> list[str]:
-    """Names of the MP4's top-level boxes in file order (e.g. ftyp, moov, mdat)."""
-    names, pos = [], 0
-    while pos + 8 <= len(data):
-        size = int.from_bytes(data[pos:pos + 4], "big")
-        name = data[pos + 4:pos + 8].decode("latin-1")
-        if size == 1:
-            size = int.from_bytes(data[pos + 8:pos + 16], "big")
-        elif size == 0:
-            size = len(data) - pos
-        if size < 8:
-            break
-        names.append(name)
-        pos += size
-    return names
-
-
-def probe_mp4(data: bytes) -> dict:
-    """Decode an MP4 fully: frame count, fps, size, codec, pixel format and box order."""
-    with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
-        path = os.path.join(tmp, "video.mp4")
-        with open(path, "wb") as fh:
-            fh.write(data)
-        reader = imageio_ffmpeg.read_frames(path)
-        meta = reader.__next__()
-        frames = [np.frombuffer(f, np.uint8) for f in reader]
-    width, height = meta["size"]
-    boxes = mp4_top_level_boxes(data)
-    return {
-        "frames": len(frames), "fps": meta["fps"], "width": width, "height": height,
-        "codec": meta["codec"], "pix_fmt": meta["pix_fmt"], "boxes": boxes,
-        "pixels": np.stack(frames).reshape(len(frames), height, width, 3) if frames else None,
-    }

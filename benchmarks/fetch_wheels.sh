@@ -3,15 +3,17 @@
 #
 # The GPU image (Python 3.12, torch 2.11, transformers 5.17, huggingface_hub 1.33, accelerate,
 # safetensors, pillow, imageio, aiohttp, requests, tqdm, pyyaml, psutil, py-cpuinfo, click, colorama)
-# lacks diffusers, imageio-ffmpeg, ftfy and runpod, and the few packages `import runpod` needs beyond
-# it. Run this here, where PyPI is reachable:   bash benchmarks/fetch_wheels.sh
+# lacks diffusers, imageio-ffmpeg, ftfy, runpod and torchao (WAN_FP8), and the few packages `import runpod`
+# needs beyond it; peft comes too, pinned as the worker pins it (LoRAs). Run this here, where PyPI is
+# reachable:   bash benchmarks/fetch_wheels.sh
 # and on the GPU machine install them with:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 #   export PYTHONPATH=/tmp/site:$PWD
 #
 # imageio-ffmpeg: 0.8.x bundles ffmpeg 9 in a 68 MB wheel, past the 64 MiB a device call may carry;
 # 0.7.0 (ffmpeg 7.0.2, same write_frames API) is 29.5 MB. IMAGEIO_FFMPEG=0.8.1 overrides.
-# EXTRA="torchao==0.18.0" adds packages (torchao, 3.4 MB, is needed for runs with --set WAN_FP8=1).
+# torchao 0.18.0 is the release built for torch 2.11 (the GPU image's); it loads its kernels from torch >= 2.11.
+# EXTRA="name==version ..." adds packages. The whole set must stay under the 64 MiB a device call carries.
 # PY_VERSION=3.11 fetches the same set for a local Python 3.11 check of the set's completeness.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +25,7 @@ packages=(
   diffusers==0.42.1
   "imageio-ffmpeg==${IMAGEIO_FFMPEG}"
   ftfy==6.3.1 wcwidth==0.9.4
+  torchao==0.18.0 peft==0.21.2
   runpod==1.12.0
   # imported by `import runpod` (its CLI and SSH helpers load at import) and missing on the GPU image:
   aiohttp-retry==2.9.1 backoff==2.2.1 tomli==2.5.0 tomlkit==0.15.2 tqdm-loggable==0.4.1

@@ -1,51 +1,69 @@
 #!/usr/bin/env bash
-# Run a list of benchmark steps on the lent GPU machine, in the background, so that the machine
-# works while the device tool's 10-minute calls only poll. Each step writes RES/<step>/ (bench.json,
-# bench.md or the probe's JSON, and log.txt); RES/progress.log says what started and ended.
+# The benchmark on the lent GPU machine, run in the background so that device calls only poll.
 #
-#   setsid nohup bash benchmarks/gpu_session.sh cold-serial cold-parallel ... >/dev/null 2>&1 &
-#   sleep 560; tar czf "$OUT/res.tgz" -C /tmp res; cat /tmp/res/progress.log     # each poll
+#   bash benchmarks/gpu_session.sh start STEP...   # install the carried wheels (.whl), then in the background
+#                                                  # (setsid): build the full-size random models, run each STEP
+#   bash benchmarks/gpu_session.sh poll            # RES -> $OUT/res.tgz; progress and the latest log lines
 #
-# Expects the wheels installed into /tmp/site (benchmarks/README.md) and PYTHONPATH set by the caller.
+# Steps (each writes RES/<step>/: its JSON and log.txt; RES/progress.log says what started and ended):
+#   goals        bench.py --full (40 steps) with the speed switches: video81, forward, fast, image
+#   quick        bench.py, default settings, 2 video steps, every job
+#   quick-speed  the same with the speed switches
+#   cold         cold_start.py: 2 shapes x default, speed-empty, speed-cached, plain
+#   cold-cached  cold_start.py at 480x832x81: default, speed-cached (the cache `goals` left), plain
+#   cold16       cold_start.py, 3 steps, 2 shapes x default, speed-empty, speed-cached (the cold-start table)
+#   report       goals.json from goals + cold (or cold-cached), into RES/
 set -u
 cd "$(dirname "$0")/.."
 RES=${RES:-/tmp/res}
-W=${WORKDIR:-/tmp/bench-models}
-mkdir -p "$RES"
-export PYTHONUNBUFFERED=1
+MODELS=${MODELS:-/tmp/bench-models}
+CACHE=${CACHE:-/tmp/compile-cache}
+SPEED=(--set WAN_FP8=1 --set WAN_COMPILE=1 --set WAN_VAE_DTYPE=bfloat16 --set SDXL_COMPILE=1
+       --set "COMPILE_CACHE_DIR=$CACHE")
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 
 run_step() {
-  local name=$1
-  local out="$RES/$name"
+  local name=$1 out="$RES/$1" cmd
   mkdir -p "$out"
-  local cmd
   case $name in
-    # Builds both model groups (5 GB shards), then the disk's read speed and a cold start.
-    cold-serial) cmd=(benchmarks/bench.py --quick --impl worker --only build,disk,cold --budget-s 0) ;;
-    # The same cold start with diffusers loading the transformer's shards on 8 threads.
-    cold-parallel) cmd=(benchmarks/bench.py --quick --impl worker --only cold --budget-s 0
-                        --set HF_ENABLE_PARALLEL_LOADING=yes) ;;
-    levers-vae) cmd=(benchmarks/levers.py --only vae) ;;  # builds its own VAE: no --workdir
-    # 40 real steps, worker with its speed levers then plain diffusers, one process.
-    full-video81) cmd=(benchmarks/bench.py --full --only video81 --no-evict-loads --budget-s 0
-                       --set WAN_FP8=1 --set WAN_COMPILE=1 --set WAN_VAE_DTYPE=bfloat16) ;;
-    fast-preset) cmd=(benchmarks/fast_preset.py --jobs fast_fused,fast_fused_again
-                      --set WAN_COMPILE=1 --set WAN_VAE_DTYPE=bfloat16) ;;
-    sdxl-speed) cmd=(benchmarks/sdxl_speed.py --budget-s 420) ;;
-    build-sdxl) cmd=(benchmarks/bench.py --quick --only image --impl plain --image-steps 2,2 --budget-s 0) ;;
-    # The worker's own SDXL, warmed up as at start-up, against the plain model-card pipelines.
-    sdxl-worker) cmd=(benchmarks/sdxl_speed.py --only worker --set SDXL_COMPILE=1) ;;
-    sdxl-worker-fused) cmd=(benchmarks/sdxl_speed.py --only worker --set SDXL_COMPILE=1 --set SDXL_FUSE_QKV=1) ;;
+    build) cmd=(download_weights.py --random-full "$MODELS" ${ONLY:+--only "$ONLY"}) ;;
+    goals) cmd=(benchmarks/bench.py --full --only video81,forward,fast,image "${SPEED[@]}" --models "$MODELS") ;;
+    quick) cmd=(benchmarks/bench.py --models "$MODELS") ;;
+    quick-speed) cmd=(benchmarks/bench.py "${SPEED[@]}" --models "$MODELS") ;;
+    cold) cmd=(benchmarks/cold_start.py --models "$MODELS" --cache-dir "$CACHE") ;;
+    cold-cached) cmd=(benchmarks/cold_start.py --models "$MODELS" --cache-dir "$CACHE" --shapes 832x480x81
+                      --configs default,speed-cached,plain) ;;
+    cold16) cmd=(benchmarks/cold_start.py --models "$MODELS" --cache-dir "$CACHE" --steps 3
+                 --shapes 832x480x81,1024x768x33 --configs default,speed-empty,speed-cached) ;;
+    report) cmd=(benchmarks/bench.py --goals --from "$RES/goals/bench-full.json"
+                 --cold-start "$(ls "$RES"/cold*/cold_start.json 2>/dev/null | head -1)") ;;
     *) echo "unknown step $name" >> "$RES/progress.log"; return ;;
   esac
-  [[ $name == levers-* ]] || cmd+=(--workdir "$W")
+  [[ $name == build ]] || cmd+=(--out "$([[ $name == report ]] && echo "$RES" || echo "$out")")
   echo "[$(date -u +%T)] start $name: ${cmd[*]}" >> "$RES/progress.log"
-  python3 "${cmd[@]}" --out "$out" > "$out/log.txt" 2>&1
+  python3 "${cmd[@]}" > "$out/log.txt" 2>&1
   echo "[$(date -u +%T)] end $name rc=$?" >> "$RES/progress.log"
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$RES/gpu.txt" 2>&1
-for step in "$@"; do
-  run_step "$step"
-done
-echo "[$(date -u +%T)] all done" >> "$RES/progress.log"
+case ${1:-} in
+  start)
+    shift
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl || exit 1
+    mkdir -p "$RES"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$RES/gpu.txt" 2>&1
+    (setsid nohup bash "$0" run build "$@" > "$RES/session.log" 2>&1 &)
+    echo "started: build $*; poll with: bash benchmarks/gpu_session.sh poll" ;;
+  run)
+    shift
+    for step in "$@"; do run_step "$step"; done
+    echo "[$(date -u +%T)] all done" >> "$RES/progress.log" ;;
+  poll)
+    [[ -d $RES ]] || { echo "no $RES on this machine (a fresh one?): start again"; exit 1; }
+    tar czf "${OUT:-/tmp}/res.tgz" -C "$(dirname "$RES")" "$(basename "$RES")"
+    cat "$RES/progress.log"
+    nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+    latest=$(ls -t "$RES"/*/log.txt 2>/dev/null | head -1)
+    [[ -n $latest ]] && { echo "--- $latest"; tail -n 8 "$latest" | cut -c1-400; } ;;
+  *) sed -n 2,14p "$0"; exit 2 ;;
+esac

@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny random models built once per session, the in-process handler configured
-on them, and a factory that starts the real local API server (`python handler.py --rp_serve_api`)."""
+"""Shared fixtures: tiny random models built once per session, a worker on them (the same `Worker` and
+`ModelHandler` that `python handler.py` builds), and a factory that starts the real local API server
+(`python handler.py --rp_serve_api`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import download_weights  # noqa: E402
-import handler as worker  # noqa: E402
+from handler import Worker  # noqa: E402
+from model_handler import ModelHandler  # noqa: E402
 from settings import Settings, load_settings  # noqa: E402
 
 
@@ -49,16 +51,35 @@ def tiny_settings(tiny_env: dict[str, str]) -> Settings:
     return load_settings(tiny_env)
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tiny_settings: Settings) -> ModelHandler:
+    """The worker's ModelHandler on the tiny models, shared by the session (models load once)."""
+    return ModelHandler(tiny_settings)
+
+
+@pytest.fixture(scope="session")
+def worker(tiny_settings: Settings, tiny_models: ModelHandler) -> Worker:
+    return Worker(tiny_settings, tiny_models)
+
+
 @pytest.fixture()
-def run_job(tiny_settings: Settings):
-    """Call the in-process handler on the tiny models (models load once per session)."""
-    worker.configure(tiny_settings)
-
+def run_job(worker: Worker):
+    """Run one job through the worker, as RunPod's call of the handler does (models load once per session)."""
     def run(job_input: dict, job_id: str = "test-job") -> dict:
-        return worker.handler({"id": job_id, "input": job_input})
+        return worker.run({"id": job_id, "input": job_input})
 
-    yield run
-    worker.configure(tiny_settings)  # undo any settings a test swapped in
+    return run
+
+
+@pytest.fixture(scope="session")
+def make_worker(tiny_env: dict[str, str], tiny_models: ModelHandler):
+    """Factory: a Worker under other settings. Settings the models read (compile, dtypes, LoRAs) need
+    `new_models=True`: the models then load again on their first job, as in a new worker process."""
+    def make(extra_env: dict[str, str], new_models: bool = False) -> Worker:
+        settings = load_settings(tiny_env | extra_env)
+        return Worker(settings, ModelHandler(settings) if new_models else tiny_models)
+
+    return make
 
 
 def png_image(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:
@@ -95,7 +116,7 @@ def _die_with_parent() -> None:
 class ApiServer:
     """`python handler.py --rp_serve_api` in a subprocess, as a user would run it."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, ready_timeout_s: float = 120) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -107,7 +128,7 @@ class ApiServer:
              "--rp_api_host", "127.0.0.1"],
             cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
         )
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + ready_timeout_s  # start-up (preloads, warm-ups) comes before the API
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"API server exited with {self.proc.returncode}:\n{self.log()}")
@@ -141,9 +162,9 @@ def start_api(tiny_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
     """Factory: start_api(extra_env) -> running ApiServer; all are stopped at session end."""
     servers: list[ApiServer] = []
 
-    def start(extra_env: dict[str, str] | None = None) -> ApiServer:
+    def start(extra_env: dict[str, str] | None = None, ready_timeout_s: float = 120) -> ApiServer:
         log_path = tmp_path_factory.mktemp("api") / "server.log"
-        server = ApiServer({**tiny_env, **(extra_env or {})}, log_path)
+        server = ApiServer({**tiny_env, **(extra_env or {})}, log_path, ready_timeout_s)
         servers.append(server)
         return server
 

@@ -7,9 +7,8 @@ import io
 
 import pytest
 from conftest import decode_data_uri, png_b64
+from media import probe_mp4
 from PIL import Image
-
-from video_utils import probe_mp4
 
 SMALL_VIDEO = {"mode": "video", "prompt": "waves roll in", "height": 64, "width": 64, "num_frames": 5,
                "num_inference_steps": 2, "seed": 1}
@@ -44,7 +43,7 @@ BAD_INPUTS = [
      "width, seed, scheduler, num_inference_steps, refiner_inference_steps, guidance_scale, strength, image_url, "
      "num_images, high_noise_frac, loras, output."),
     ("wrong type", {"prompt": "x", "num_inference_steps": "many"},
-     "Field 'num_inference_steps' must be an integer from 1 to 150, got string 'many'."),
+     "Field 'num_inference_steps' must be an integer from 2 to 150, got string 'many'."),
     ("wrong type bool", {**V, "num_frames": True},
      "Field 'num_frames' must be an integer from 5 to 161 of the form 4k+1, got boolean True."),
     ("missing prompt (video)", {"mode": "video", "image_url": png_b64()},

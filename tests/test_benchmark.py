@@ -1,12 +1,11 @@
-"""benchmarks/bench.py runs its whole code path on tiny models on CPU: builder, worker and plain-diffusers jobs,
-phase hooks, cold start in a fresh process, ratios and the report (the GPU run uses the same code)."""
+"""benchmarks/ on CPU, tiny models, the code the GPU runs: the random-model builder's output loads through the
+worker, bench.py measures the worker and plain diffusers in one process and writes its JSON and goals.json, and
+cold_start.py starts the worker as deployed (`python handler.py --test_input`) and times it to its MP4."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,102 +14,74 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench  # noqa: E402
+import cold_start  # noqa: E402
+
+FIGURES = {"quality_e2e_s", "quality_s_per_step", "fast_e2e_s", "sdxl_default_job_s", "cold_start_default_s",
+           "cold_start_cached_s"}
 
 
-def run_bench(tmp_path: Path, *args: str) -> tuple[dict, str, float]:
-    out = tmp_path / "out"
-    start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--tiny", "--out", str(out),
-         "--workdir", str(tmp_path / "models"), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
-    )
-    elapsed = time.monotonic() - start
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert (out / "bench.md").read_text().startswith("## Worker benchmark (tiny)")
-    return json.loads((out / "bench.json").read_text()), proc.stdout, elapsed
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    models, out = tmp_path_factory.mktemp("models"), tmp_path_factory.mktemp("out")
+    rc = bench.main(["--tiny", "--models", str(models), "--out", str(out), "--goals"])
+    results = json.loads((out / "bench-tiny.json").read_text())
+    assert rc == 0, results["errors"]
+    return models, out, results
 
 
-@pytest.mark.timeout(240)
-def test_tiny_run_measures_worker_and_plain_diffusers(tmp_path: Path) -> None:
-    results, stdout, elapsed = run_bench(tmp_path)
-    assert results["errors"] == [], results["errors"]
-    for impl in ("worker", "plain"):
-        video = results["jobs"][impl]["video81"]
-        assert video["wall_s"] > 0 and video["step_s_steady"] > 0 and video["denoise_s"] > 0
-        assert len(video["step_s"]) == video["steps"] == 2
-        assert video["transformer_calls"] == 4  # classifier-free guidance: two forwards per step
-        assert video["vae_decode_s"] > 0 and video["mp4_encode_s"] > 0 and video["e2e_40_steps_extrapolated"]
-        assert {"text_encode", "image_encode", "vae_encode", "denoise", "vae_decode", "mp4_encode"} <= set(
-            video["phases"])
-        image = results["jobs"][impl]["image"]
-        assert image["wall_s"] > 0 and image["base_step_s_steady"] > 0 and image["refiner_step_s_steady"] > 0
-        assert image["png_encode_s"] > 0
-        assert results["load"][impl]["wan"]["wall_s"] > 0 and results["load"][impl]["sdxl"]["bytes"] > 0
-    for job in ("video81", "image"):
-        assert results["ratios"][job]["wall_s"] > 0
-    assert results["ratios"]["video81"]["step_s_steady"] > 0
-    assert results["ratios"]["image"]["base_step_s_steady"] > 0
-    # The worker's video job ran at the requested size through handler.handler.
-    assert (results["jobs"]["worker"]["video81"]["height"], results["jobs"]["worker"]["video81"]["width"]) == (64, 64)
-    cold = results["cold_start"]
-    assert cold["worker"]["rc"] == 0 and cold["worker"]["start_to_result_s"] > 0
-    assert cold["worker"]["timings"]["load_s"] > 0 and cold["worker"]["load_gb_per_s"] > 0
-    assert cold["plain"]["start_to_result_s"] > 0
-    assert results["disk"]["cold_gb_per_s"] > 0
-    assert results["meta"]["torch"] and results["meta"]["diffusers"] and "bench.py" in results["meta"]["command"]
-    assert "| worker/plain |" in stdout  # the table is printed last
-    print(f"tiny benchmark took {elapsed:.1f}s")
+def test_bench_measures_worker_and_plain_on_models_the_builder_wrote(tiny_run) -> None:
+    models, _, results = tiny_run
+    assert set(results["build_s"]) == {"sdxl", "wan"}  # built by download_weights.build_random, loaded by the worker
+    assert results["gpu"] == "CPU" and results["torch"] and "bench.py" in results["command"]
+    for job in ("video81", "video33", "fast", "image"):
+        for impl in ("worker", "plain"):
+            assert results["jobs"][job][impl]["e2e_s"] > 0, (job, impl)
+        assert results["jobs"][job]["worker/plain"]["e2e_s"] > 0
+    video = results["jobs"]["video81"]
+    assert video["worker"]["steps"] == 2 and video["worker"]["s_per_step"] > 0 and video["plain"]["s_per_step"] > 0
+    assert video["worker"]["timings"]["inference_s"] > 0  # the worker's own timings
+    assert (video["worker"]["width"], video["worker"]["height"]) == (64, 64)
+    fast = results["jobs"]["fast"]
+    assert fast["worker"]["steps"] == 4 and fast["worker"]["first_e2e_s"] > 0  # the preset, LoRA fused
+    assert (models / "loras" / "fast-rank4.safetensors").exists()
+    # Default settings: the worker's transformer is plain diffusers' (same weights, float32 on CPU).
+    assert results["jobs"]["forward"]["plain"]["worker_rel_err"] < 1e-5
 
 
-@pytest.mark.timeout(240)
-def test_tiny_memory_profile_runs_in_a_subprocess(tmp_path: Path) -> None:
-    results, _, _ = run_bench(tmp_path, "--only", "profiles")
-    profile = results["profiles"]["48"]
-    assert profile["rc"] == 0, profile
-    assert "keep_both" in profile["placement"]
-    assert profile["job"]["wall_s"] > 0 and profile["job"]["step_s_steady"] > 0
-    assert profile["worker_override"] == "gpu_memory_gib"  # the Settings field that carries the card size
+def test_goals_json_has_the_shape_issue_12_asks_for(tiny_run) -> None:
+    _, out, _ = tiny_run
+    goals = json.loads((out / "goals.json").read_text())
+    assert set(goals) == {"gpu", "date", "torch", "command", "figures"}
+    assert set(goals["figures"]) == FIGURES
+    assert all(set(pair) == {"worker", "plain"} for pair in goals["figures"].values())
+    for name in ("quality_e2e_s", "quality_s_per_step", "fast_e2e_s", "sdxl_default_job_s"):
+        assert goals["figures"][name]["worker"] > 0 and goals["figures"][name]["plain"] > 0
+    assert goals["figures"]["cold_start_default_s"] == {"worker": None, "plain": None}  # no cold_start.json yet
 
 
-def test_step_times_group_cfg_calls_into_steps() -> None:
-    # 3 steps x 2 forwards (cond, uncond): each step runs from its first call to the next step's first call.
-    calls = [(0.0, 1.0), (1.0, 2.0), (2.5, 3.5), (3.5, 4.5), (5.0, 6.0), (6.0, 7.0)]
-    assert bench.step_times(calls, 3) == [2.5, 2.5, 2.0]
-    assert bench.steady([9.0, 2.5, 2.0]) == 2.25
-    assert bench.step_times([], 3) == []
+def test_cold_start_times_a_fresh_worker_and_fills_goals(tiny_run) -> None:
+    models, out, _ = tiny_run
+    rc = cold_start.main(["--tiny", "--models", str(models), "--shapes", "64x64x5", "--configs", "default,plain",
+                          "--out", str(out), "--timeout", "240"])
+    cold = json.loads((out / "cold_start.json").read_text())
+    assert rc == 0, cold
+    worker, plain = cold["runs"]["default 64x64x5"], cold["runs"]["plain 64x64x5"]
+    assert worker["rc"] == 0 and 0 < worker["start_to_result_s"] < worker["exit_s"] + 1
+    assert worker["timings"]["inference_s"] > 0 and worker["s_per_step"] > 0
+    assert "posix_fadvise" in worker["eviction"]
+    assert plain["start_to_result_s"] > 0 and plain["load_s"] > 0
+    assert bench.main(["--goals", "--from", str(out / "bench-tiny.json"), "--out", str(out)]) == 0
+    figures = json.loads((out / "goals.json").read_text())["figures"]
+    assert figures["cold_start_default_s"] == {"worker": worker["start_to_result_s"],
+                                               "plain": plain["start_to_result_s"]}
+    assert figures["cold_start_cached_s"]["worker"] is None  # not run here: WAN_COMPILE on CPU
 
 
-def test_phase_tracker_splits_time_between_hooked_modules() -> None:
-    import torch
-
-    tracker = bench.PhaseTracker(cuda=False)
-    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-    tracker.on_forward(first, "encode")
-    tracker.on_forward(second, "denoise", timed="second")
-    tracker.enter("prepare")
-    first(torch.zeros(1, 4))
-    for _ in range(3):
-        second(torch.zeros(1, 4))
-    tracker.finish()
-    assert list(tracker.phases) == ["prepare", "encode", "denoise"]
-    assert len(tracker.calls["second"]) == 3
-    tracker.remove()
-    second(torch.zeros(1, 4))
-    assert len(tracker.calls["second"]) == 3  # hooks are gone
-
-
-def test_ratios_and_report_from_partial_results() -> None:
-    results = {
-        "meta": {"mode": "quick", "gpu": "NVIDIA H100 80GB HBM3"},
-        "jobs": {"worker": {"video81": {"wall_s": 30.0, "step_s_steady": 6.0, "frames": 81, "height": 480,
-                                        "width": 832, "steps": 2}},
-                 "plain": {"video81": {"wall_s": 40.0, "step_s_steady": 6.6}}},
-        "load": {}, "cold_start": {}, "profiles": {"24": {"load_error": "OutOfMemoryError: CUDA out of memory"}},
-        "skipped": [{"what": "plain video33", "why": "time budget"}], "errors": [],
-    }
-    results["ratios"] = bench.compute_ratios(results)
-    assert results["ratios"]["video81"]["wall_s"] == pytest.approx(0.75)
-    text = bench.render_markdown(results)
-    assert "| video 480x832, 81 frames (2 steps) | end-to-end s (measured steps, wall) | 30.00 | 40.00 | 0.75 |" in text
-    assert "load failed: OutOfMemoryError" in text and "plain video33 (time budget)" in text
+def test_goals_table_says_by_how_much_a_goal_is_missed() -> None:
+    data = {"gpu": "H200", "date": "d", "torch": "2.11", "command": "c",
+            "figures": {name: {"worker": None, "plain": None} for name in FIGURES}}
+    data["figures"]["quality_e2e_s"] = {"worker": 180.0, "plain": 270.0}
+    data["figures"]["sdxl_default_job_s"] = {"worker": 1.5, "plain": 3.0}
+    table = bench.goals_table(data)
+    assert "| quality_e2e_s | <= 150 | 180.0 | 270.0 | 0.667 | no (+20%) |" in table
+    assert "| sdxl_default_job_s | <= 1.8 | 1.5 | 3 | 0.5 | yes |" in table

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 from conftest import ROOT, png_b64
-
-from video_utils import probe_mp4
+from media import probe_mp4
 
 
 def run(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ Three layers:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import gzip
 import io
@@ -34,8 +35,9 @@ from pytest_httpserver import HTTPServer
 from runpod.serverless.utils import rp_ssrf
 from werkzeug import Request, Response
 
-from schemas import INPUT_SCHEMA, SCHEDULERS, InputError, _coerce, validate_input
-from video_utils import decode_image, fetch_url
+from fetch import fetch_url
+from schemas import INPUT_SCHEMA, SCHEDULERS, ImageJob, InputError, VideoJob, _coerce, validate_input
+from video_utils import decode_image
 
 OPEN_ENV = {"RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true", "FETCH_TIMEOUT_S": "3", "MAX_INPUT_IMAGE_BYTES": "5000000"}
 FETCH_TIMEOUT_S = 3
@@ -279,6 +281,13 @@ CASES = [
      f"127.0.0.1; {PUBLIC_ONLY}"),
     ("image-mode-path", "guarded", {"prompt": "a cat", "image_url": "/etc/shadow"},
      f"Field 'image_url' {SOURCES} '/etc/shadow'; local file paths are not accepted."),
+    # -- img2img sizes derived from an elongated input image -----------------------------------
+    ("img2img-4000x1", "guarded", {"prompt": "a cat", "image_url": png_b64(4000, 1), "height": 128, "width": 128},
+     "Field 'image_url' is a 4000x1 image whose aspect ratio gives a 8088x0 result; sides from 128 to 2048 are "
+     "allowed, so send a less elongated image."),
+    ("img2img-1000x10", "guarded", {"prompt": "a cat", "image_url": png_b64(1000, 10), "height": 128, "width": 128},
+     "Field 'image_url' is a 1000x10 image whose aspect ratio gives a 1280x8 result; sides from 128 to 2048 are "
+     "allowed, so send a less elongated image."),
     # -- misbehaving servers (the open server may reach 127.0.0.1) ---------------------------
     ("slow", "open", {**VIDEO, "image_url": f"{WEB}/slow.png"},
      f"Field 'image_url' points to '{WEB}/slow.png', which did not finish downloading within 3 s; images "
@@ -323,19 +332,19 @@ CASES = [
     # -- sizes and lengths -------------------------------------------------------------------
     ("base64-50MB", "guarded", {**VIDEO, "image_url": BIG_B64},
      "Field 'image_url' must be a string of at most 28,000,000 characters, got string "
-     "'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA... (50,000,002 characters)."),
+     "'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA... (50,000,000 characters)."),
     ("base64-over-byte-cap", "open", {**VIDEO, "image_url": MID_B64},
      "Field 'image_url' carries 6,750,000 bytes of base64 data, 'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA... "
-     "(9,000,002 characters); at most 5,000,000 bytes are accepted (MAX_INPUT_IMAGE_BYTES)."),
+     "(9,000,000 characters); at most 5,000,000 bytes are accepted (MAX_INPUT_IMAGE_BYTES)."),
     ("long-url", "guarded", {**VIDEO, "image_url": "https://example.com/" + "a" * 20_000},
      "Field 'image_url' must be a URL of at most 16,384 characters, got 'https://example.com/"
-     "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa... (20,022 characters)."),
+     "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa... (20,020 characters)."),
     ("giant-prompt", "guarded", {**VIDEO, "prompt": "x" * 5000},
      "Field 'prompt' must be a string of at most 2,000 characters, got string "
-     "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... (5,002 characters)."),
+     "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... (5,000 characters)."),
     ("giant-negative-prompt", "guarded", {"prompt": "a cat", "negative_prompt": "no " * 1000},
      "Field 'negative_prompt' must be a string of at most 2,000 characters, got string "
-     "'no no no no no no no no no no no no no no no no no no no no... (3,002 characters)."),
+     "'no no no no no no no no no no no no no no no no no no no no... (3,000 characters)."),
     ("frames-161-at-1280", "guarded", {**VIDEO, "num_frames": 161, "height": 1280,
                                        "width": 1280},
      "Fields num_frames=161, height=1280, width=1280 make 262,400 transformer tokens; this worker allows at "
@@ -494,17 +503,17 @@ RAW_INPUTS = st.one_of(
 
 @given(RAW_INPUTS)
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_validate_input_returns_params_or_raises_input_error(raw):
+def test_validate_input_returns_a_job_or_raises_input_error(raw):
     try:
-        params = validate_input(raw)
+        job = validate_input(raw)
     except InputError as err:
         message = str(err)
         _one_sentence(message)
         assert message.startswith(("Field", "Fields", "The job input")), message
         return
-    assert isinstance(params, dict)
-    assert set(params) == set(INPUT_SCHEMA[params["mode"]])
-    json.dumps(params)  # whatever passes is plain JSON again
+    assert isinstance(job, (ImageJob, VideoJob))
+    assert {f.name for f in dataclasses.fields(job)} == set(INPUT_SCHEMA[job.mode])
+    json.dumps(dataclasses.asdict(job))  # whatever passes is plain JSON again
 
 
 TINY_PNG = png_b64(24, 16)

@@ -21,11 +21,11 @@ import torch
 from conftest import png_b64, png_image
 from safetensors.torch import save_file
 
-import handler as worker
 import loras
+from handler import Worker
 from model_handler import ModelHandler
-from schemas import InputError, validate_input
-from settings import SettingsError, load_settings
+from schemas import InputError, parse_source, validate_input
+from settings import Settings, SettingsError, load_settings
 
 RANK = 4
 # guidance 1.0: one transformer call per step and no negative prompt to encode (keeps the tests fast).
@@ -157,26 +157,51 @@ def lora_env(tiny_env: dict[str, str], lora_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture()
-def models(run_job, lora_env) -> Iterator[ModelHandler]:
+def models(tiny_models, lora_env) -> Iterator[ModelHandler]:
     """The worker's ModelHandler (shared with the other tests) under LoRA-enabled settings.
 
-    Afterwards every pipeline is switched back to no LoRA: later tests (test_worker's parity
-    with plain diffusers) then run on pipelines that have held LoRAs, as a real worker does.
+    Afterwards every pipeline is switched back to no LoRA (by a job without LoRAs) and the
+    settings are restored: later tests (test_worker's parity with plain diffusers) then run on
+    pipelines that have held LoRAs, as a real worker does.
     """
-    handler_models = worker.configure(load_settings(lora_env))
-    yield handler_models
-    for family in list(handler_models._loras):
-        handler_models._use_loras(family, [])
+    original = tiny_models.settings
+    use(tiny_models, lora_env)
+    try:
+        yield tiny_models
+    finally:
+        use(tiny_models, lora_env)
+        if tiny_models.wan.loras is not None:
+            video(tiny_models)
+        if tiny_models.sdxl.loras is not None:
+            image(tiny_models)
+        _set_settings(tiny_models, original)
+
+
+@pytest.fixture()
+def run_job(models):
+    """Jobs through a Worker on the shared models, under the settings `use` last set."""
+    def run(job_input: dict, job_id: str = "test-job") -> dict:
+        return Worker(models.settings, models).run({"id": job_id, "input": job_input})
+
+    return run
+
+
+def _set_settings(models: ModelHandler, settings: Settings) -> None:
+    for holder in (models, models.sdxl, models.wan):
+        holder.settings = settings
 
 
 def use(models: ModelHandler, env: dict[str, str]) -> None:
-    worker.configure(load_settings(env))
+    """Switch the settings read per job (LoRA cache and size cap, fusing, WAN_FAST_LORA); the loaded
+    pipelines and the adapters in them stay, as the old in-process reconfiguration kept them."""
+    _set_settings(models, load_settings(env))
 
 
 def video(models: ModelHandler, **fields) -> np.ndarray:
     """Raw float frames of a tiny video job (no MP4 round trip, so comparisons are exact)."""
-    p = validate_input({**VIDEO, **fields})
-    frames, _ = models.generate_video(p, png_image(64, 64), lambda *_: None)
+    job = validate_input({**VIDEO, **fields}, models.settings)
+    wan, _ = models.model("video")
+    frames, _ = wan.generate(job, png_image(64, 64), lambda *_: None)
     return frames
 
 
@@ -184,7 +209,7 @@ def video(models: ModelHandler, **fields) -> np.ndarray:
 def unet_outputs(models: ModelHandler) -> Iterator[list[torch.Tensor]]:
     """Record the SDXL base UNet's outputs (exact float tensors, before any uint8 rounding)."""
     seen: list[torch.Tensor] = []
-    hook = models.base.unet.register_forward_hook(lambda m, args, out: seen.append(out[0].detach().clone()))
+    hook = models.sdxl.base.unet.register_forward_hook(lambda m, args, out: seen.append(out[0].detach().clone()))
     try:
         yield seen
     finally:
@@ -193,10 +218,10 @@ def unet_outputs(models: ModelHandler) -> Iterator[list[torch.Tensor]]:
 
 def image(models: ModelHandler, **fields) -> tuple[np.ndarray, torch.Tensor]:
     """A tiny image job: the PNG's pixels and the base UNet's outputs of every step."""
-    p = validate_input({**IMAGE, **fields})
-    models.load_sdxl()
+    job = validate_input({**IMAGE, **fields}, models.settings)
+    sdxl, _ = models.model("image")
     with unet_outputs(models) as seen:
-        images, _ = models.generate_images(p, None, lambda *_: None)
+        images, _ = sdxl.generate(job, None, lambda *_: None)
     return np.asarray(images[0]), torch.stack(seen)
 
 
@@ -213,22 +238,23 @@ def pristine(lora_env) -> ModelHandler:
 @pytest.fixture(scope="module")
 def baseline_video(pristine) -> np.ndarray:
     """The tiny video on a ModelHandler that never loaded a LoRA."""
-    assert not pristine._loras
+    assert pristine.wan.loras is None and pristine.sdxl.loras is None
     return video(pristine)
 
 
 @pytest.fixture(scope="module")
 def baseline_image(pristine) -> tuple[np.ndarray, torch.Tensor]:
-    assert "sdxl" not in pristine._loras
+    assert pristine.sdxl.loras is None
     return image(pristine)
 
 
 # ------------------------------------------------------------------------- the request
 def test_loras_field_is_validated_entry_by_entry():
     ok = validate_input({"prompt": "x", "loras": [{"path": "me/style"}, {"path": "https://h/a", "scale": -0.5}]})
-    assert ok["loras"] == [{"path": "me/style", "scale": 1.0, "weight_name": None},
-                           {"path": "https://h/a", "scale": -0.5, "weight_name": None}]
-    assert validate_input({"prompt": "x"})["loras"] == []
+    assert [(s.label, s.kind, s.location, s.filename, s.scale) for s in ok.loras] == [
+        ("Field 'loras[0].path'", "hub", "me/style", "pytorch_lora_weights.safetensors", 1.0),
+        ("Field 'loras[1].path'", "url", "https://h/a", None, -0.5)]
+    assert validate_input({"prompt": "x"}).loras == ()
     bad = [
         ("a/b", "Field 'loras' must be a list of at most 4 objects: path (a string of at most 2,048 characters, "
                 "required); scale (a number from -4 to 4, default 1); weight_name (a string of at most 512 "
@@ -255,14 +281,19 @@ def test_loras_need_the_base_model_so_img2img_refuses_them():
 
 
 def test_fast_preset_changes_defaults_only():
+    with_fast_lora = load_settings({"WAN_FAST_LORA": "lightx2v/Wan2.1-Distill-Loras/a.safetensors"})
     defaults = {**VIDEO, "num_inference_steps": None, "guidance_scale": None}
-    fast = validate_input({**defaults, "preset": "fast"})
-    assert (fast["num_inference_steps"], fast["guidance_scale"], fast["flow_shift"]) == (4, 1.0, 5.0)
-    given = validate_input({**defaults, "preset": "fast", "num_inference_steps": 6, "guidance_scale": 3.0})
-    assert (given["num_inference_steps"], given["guidance_scale"], given["flow_shift"]) == (6, 3.0, 5.0)
-    quality = validate_input(defaults)
-    assert (quality["preset"], quality["num_inference_steps"], quality["guidance_scale"], quality["flow_shift"]) == (
+    fast = validate_input({**defaults, "preset": "fast"}, with_fast_lora)
+    assert (fast.num_inference_steps, fast.guidance_scale, fast.flow_shift) == (4, 1.0, 5.0)
+    assert [(s.label, s.location, s.filename, s.scale) for s in fast.loras] == [
+        ("WAN_FAST_LORA", "lightx2v/Wan2.1-Distill-Loras", "a.safetensors", 1.0)]
+    given = validate_input({**defaults, "preset": "fast", "num_inference_steps": 6, "guidance_scale": 3.0},
+                           with_fast_lora)
+    assert (given.num_inference_steps, given.guidance_scale, given.flow_shift) == (6, 3.0, 5.0)
+    quality = validate_input(defaults, with_fast_lora)
+    assert (quality.preset, quality.num_inference_steps, quality.guidance_scale, quality.flow_shift) == (
         "quality", 40, 5.0, 3.0)
+    assert quality.loras == ()
     with pytest.raises(InputError, match=r"^Field 'preset' must be one of 'quality', 'fast', got string 'turbo'\.$"):
         validate_input({**VIDEO, "preset": "turbo"})
     with pytest.raises(InputError, match="'preset' is not accepted in mode 'image'"):
@@ -277,7 +308,7 @@ def test_fast_preset_changes_defaults_only():
      "Kijai/WanVideo_comfy", "Lightx2v/lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors"),
 ])
 def test_lora_paths_are_urls_hub_files_or_local_files(path, weight_name, kind, location, filename):
-    spec = loras.parse_source(path, "Field 'loras[0].path'", ["/models"], weight_name)
+    spec = parse_source(path, "Field 'loras[0].path'", ["/models"], weight_name)
     assert (spec.kind, spec.location, spec.filename) == (kind, location, filename)
     assert spec.adapter_name.startswith("lora_") and len(spec.key) == 64
 
@@ -298,7 +329,7 @@ def test_lora_paths_are_urls_hub_files_or_local_files(path, weight_name, kind, l
 ])
 def test_bad_lora_paths_are_refused_before_any_work(path, weight_name, message):
     with pytest.raises(InputError) as err:
-        loras.parse_source(path, "Field 'loras[0].path'", ["/models"], weight_name)
+        parse_source(path, "Field 'loras[0].path'", ["/models"], weight_name)
     assert message in str(err.value)
 
 
@@ -330,9 +361,9 @@ def test_every_wan_lora_format_loads_and_gives_the_same_video(models, lora_dir, 
     half = video(models, loras=[entry(lora_dir, "wan-peft.safetensors", 0.5)])
     assert np.abs(half - peft).max() > 1e-4, "the scale was ignored"
     # 7 LoRAs were loaded; the least recently used beyond KEEP_LOADED were deleted from the model.
-    state = models._loras["wan"]
-    assert len(state.loaded) == loras.KEEP_LOADED == len(models.wan.transformer.peft_config)
-    assert set(state.loaded) == set(models.wan.transformer.peft_config)
+    state = models.wan.loras
+    assert len(state.loaded) == loras.KEEP_LOADED == len(models.wan.pipe.transformer.peft_config)
+    assert set(state.loaded) == set(models.wan.pipe.transformer.peft_config)
     # No LoRA: the kept adapters are disabled, and the video is the never-touched one, bit for bit.
     assert np.array_equal(video(models), baseline_video)
 
@@ -350,12 +381,12 @@ def test_sequential_jobs_with_different_loras_do_not_leak(models, lora_dir, base
 def test_the_same_lora_set_as_the_previous_job_is_not_reloaded(models, lora_dir, monkeypatch):
     job = [entry(lora_dir, "wan-other.safetensors", 0.7)]
     video(models, loras=job)
-    state = models._loras["wan"]
+    state = models.wan.loras
     calls = []
     for name in ("load_lora_weights", "set_adapters", "disable_lora", "delete_adapters"):
         monkeypatch.setattr(state.pipe, name, lambda *a, _n=name, **k: calls.append(_n))
-    p = validate_input({**VIDEO, "loras": job})
-    _, timings = models.generate_video(p, png_image(64, 64), lambda *_: None)
+    p = validate_input({**VIDEO, "loras": job}, models.settings)
+    _, timings = models.wan.generate(p, png_image(64, 64), lambda *_: None)
     assert calls == [] and timings["lora_s"] < 0.01
     monkeypatch.undo()
     loads = state.loads
@@ -368,10 +399,10 @@ def test_fused_equals_unfused_and_is_undone_bit_for_bit(models, lora_env, lora_d
     job = [entry(lora_dir, "wan-lightx2v.safetensors"), entry(lora_dir, "wan-other.safetensors", -0.5)]
     unfused = video(models, loras=job)
     use(models, {**lora_env, "LORA_FUSE": "1"})
-    transformer = models.wan.transformer
+    transformer = models.wan.pipe.transformer
     before = {n: p.detach().clone() for n, p in transformer.named_parameters() if "lora_" not in n}
     fused = video(models, loras=job)
-    assert models._loras["wan"].fused
+    assert models.wan.loras.fused
     np.testing.assert_allclose(fused, unfused, atol=1e-4)
     assert np.array_equal(video(models, loras=job), fused)  # same set: stays fused, same result
     assert np.array_equal(video(models), baseline_video)  # restored from the CPU copies, not by subtraction
@@ -379,7 +410,7 @@ def test_fused_equals_unfused_and_is_undone_bit_for_bit(models, lora_env, lora_d
     fused_other = video(models, loras=job[1:])  # another set: restore, then fuse the new one
     use(models, lora_env)
     np.testing.assert_allclose(fused_other, video(models, loras=job[1:]), atol=1e-4)
-    assert not models._loras["wan"].fused
+    assert not models.wan.loras.fused
     assert np.array_equal(video(models), baseline_video)
 
 
@@ -393,15 +424,16 @@ def test_sdxl_loras_in_peft_and_kohya_format(models, lora_dir, baseline_image):
     # kohya with both text encoders: they change the prompt embeddings too.
     _, te_unet = image(models, loras=[entry(lora_dir, "sdxl-kohya.safetensors")])
     assert (te_unet - unet).abs().max() > 1e-4
-    assert {"unet", "text_encoder", "text_encoder_2"} <= set(models.base.get_list_adapters())
+    assert {"unet", "text_encoder", "text_encoder_2"} <= set(models.sdxl.base.get_list_adapters())
     no_png, no_unet = image(models)
     assert torch.equal(no_unet, base_unet) and np.array_equal(no_png, base_png)
 
 
 def test_the_refiner_sees_the_shared_text_encoder_without_loras(models, lora_dir):
     seen = []
-    te2 = models.refiner.text_encoder_2
-    hook = models.refiner.unet.register_forward_pre_hook(
+    sdxl, _ = models.model("image")
+    te2 = sdxl.refiner.text_encoder_2
+    hook = sdxl.refiner.unet.register_forward_pre_hook(
         lambda m, args: seen.append(all(layer.disable_adapters for layer in loras._tuner_layers([te2]))))
     try:
         image(models, loras=[entry(lora_dir, "sdxl-kohya.safetensors")])
@@ -462,12 +494,12 @@ def test_bad_lora_files_are_clear_errors_and_leave_no_trace(run_job, models, lor
     result = run_job({**IMAGE, "loras": [{"path": str(lora_dir / "wan-lightx2v.safetensors")}]})
     assert ("does not fit the SDXL base model: its keys are not in a LoRA format this model reads (for example "
             "'diffusion_model.blocks.0.") in result["error"], result
-    assert not any(name in models._loras["wan"].loaded for name in _adapter_names(files))
+    assert not any(name in models.wan.loras.loaded for name in _adapter_names(files))
     assert np.array_equal(video(models), baseline_video)
 
 
 def _adapter_names(files: dict) -> set[str]:
-    return {loras.parse_source(path, "x", ["/"]).adapter_name for path, _ in files.values()}
+    return {parse_source(path, "x", ["/"]).adapter_name for path, _ in files.values()}
 
 
 def _png64() -> str:
@@ -485,15 +517,15 @@ def test_a_lora_url_is_downloaded_once_then_served_from_the_disk_cache(run_job, 
     job = {**VIDEO, "image_url": "data:image/png;base64," + _png64(), "loras": [{"path": url, "scale": 0.8}]}
     first = run_job(job)
     assert "error" not in first, first
-    assert set(first["timings"]) == {"load_s", "inference_s", "encode_s", "lora_s"}
+    assert set(first["timings"]) == {"fetch_s", "load_s", "inference_s", "encode_s", "lora_s"}
     key = hashlib.sha256(f"url\n{url}\nNone".encode()).hexdigest()  # sha256 of the source
     cached = Path(lora_env["LORA_CACHE_DIR"]) / f"{key}.safetensors"
     assert cached.read_bytes() == data and len(httpserver.log) == 1
     assert run_job(job)["video"] == first["video"] and len(httpserver.log) == 1
     # Another worker process (its own ModelHandler) loads the file from the disk cache, not the server.
-    loads = pristine._loras["wan"].loads if "wan" in pristine._loras else 0
+    loads = pristine.wan.loras.loads if pristine.wan.loras is not None else 0
     video(pristine, loras=job["loras"])
-    assert len(httpserver.log) == 1 and pristine._loras["wan"].loads == loads + 1
+    assert len(httpserver.log) == 1 and pristine.wan.loras.loads == loads + 1
 
 
 def test_lora_downloads_are_refused_when_broken_too_large_or_private(run_job, models, lora_env, httpserver,
@@ -524,7 +556,7 @@ def test_lora_downloads_are_refused_when_broken_too_large_or_private(run_job, mo
 
 def test_the_disk_cache_evicts_least_recently_used_files(tmp_path):
     cache = loras.LoraCache(tmp_path, max_bytes=2500)
-    specs = [loras.parse_source(f"https://example.com/{i}", "x", []) for i in range(4)]
+    specs = [parse_source(f"https://example.com/{i}", "x", []) for i in range(4)]
     for age, spec in enumerate(specs[:3]):
         cache.path_for(spec).write_bytes(b"\0" * 1000)
         os.utime(cache.path_for(spec), (1_000_000 + age, 1_000_000 + age))
@@ -539,7 +571,8 @@ def test_the_disk_cache_evicts_least_recently_used_files(tmp_path):
 def transformer_calls(models: ModelHandler) -> Iterator[list[int]]:
     """Count forward calls of the real Wan transformer (the module the pipeline calls each step)."""
     calls: list[int] = []
-    hook = models.wan.transformer.register_forward_pre_hook(lambda m, args: calls.append(1))
+    wan, _ = models.model("video")
+    hook = wan.pipe.transformer.register_forward_pre_hook(lambda m, args: calls.append(1))
     try:
         yield calls
     finally:
@@ -551,21 +584,21 @@ def test_fast_preset_runs_four_steps_with_one_transformer_call_each(run_job, mod
     distill = str(lora_dir / "wan-distill.safetensors")
     use(models, {**lora_env, "WAN_FAST_LORA": distill})
     progress = []
-    p = validate_input({**VIDEO, "num_inference_steps": None, "preset": "fast"})
+    p = validate_input({**VIDEO, "num_inference_steps": None, "preset": "fast"}, models.settings)
     with transformer_calls(models) as calls:
-        frames, timings = models.generate_video(p, png_image(64, 64), lambda *a: progress.append(a))
+        frames, timings = models.wan.generate(p, png_image(64, 64), lambda *a: progress.append(a))
     assert len(calls) == 4 and progress[-1] == ("denoise", 4, 4)
-    assert models.wan.scheduler.config.flow_shift == 5.0 and "lora_s" in timings
-    fast_spec = loras.parse_source(distill, "WAN_FAST_LORA", ["/"])
-    assert models._loras["wan"].active == ((fast_spec.adapter_name, 1.0),)
+    assert models.wan.pipe.scheduler.config.flow_shift == 5.0 and "lora_s" in timings
+    fast_spec = parse_source(distill, "WAN_FAST_LORA", ["/"])
+    assert models.wan.loras.active == ((fast_spec.adapter_name, 1.0),)
     # Explicit fields win: 3 steps with CFG are 6 calls; the request's own LoRA stacks on the fast one.
     with transformer_calls(models) as calls:
         video(models, preset="fast", num_inference_steps=3, guidance_scale=2.0,
               loras=[entry(lora_dir, "wan-other.safetensors", 0.5)])
-    assert len(calls) == 6 and len(models._loras["wan"].active) == 2
+    assert len(calls) == 6 and len(models.wan.loras.active) == 2
     # The request may list the fast LoRA itself to set its scale; it is not added twice.
     video(models, preset="fast", loras=[{"path": distill, "scale": 0.5}])
-    assert models._loras["wan"].active == ((fast_spec.adapter_name, 0.5),)
+    assert models.wan.loras.active == ((fast_spec.adapter_name, 0.5),)
     # Back to quality: no LoRA, the defaults, the original video.
     assert np.array_equal(video(models), baseline_video)
 

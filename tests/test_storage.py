@@ -20,13 +20,13 @@ import boto3
 import pytest
 import requests
 from conftest import ROOT, decode_data_uri, free_port, png_b64
+from media import probe_mp4
 from moto.server import ThreadedMotoServer
 
-import handler as worker
+import handler
 import storage
 import video_utils
 from settings import Bucket, SettingsError, load_settings
-from video_utils import probe_mp4
 
 BUCKET = "results"
 ACCESS_KEY = "AKIDLEAKCHECK0042"
@@ -84,15 +84,28 @@ def fast_retries(monkeypatch):
 
 
 @pytest.fixture()
-def use_bucket(run_job, tiny_env):
-    """Configure the in-process worker from tiny_env plus BUCKET_* variables (run_job restores it)."""
+def current(worker) -> dict:
+    """The Worker that run_job sends jobs to: the session's (no bucket) until use_bucket picks another."""
+    return {"worker": worker}
+
+
+@pytest.fixture()
+def use_bucket(current, make_worker):
+    """Jobs of this test go to a Worker configured from tiny_env plus BUCKET_* variables (same models)."""
 
     def configure(env: dict[str, str]):
-        settings = load_settings({**tiny_env, **env})
-        worker.configure(settings)
-        return settings
+        current["worker"] = make_worker(env)
+        return current["worker"].settings
 
     return configure
+
+
+@pytest.fixture()
+def run_job(current):
+    def run(job_input: dict, job_id: str = "test-job") -> dict:
+        return current["worker"].run({"id": job_id, "input": job_input})
+
+    return run
 
 
 @pytest.fixture()
@@ -162,6 +175,21 @@ def test_s3_requested_without_a_bucket_is_a_clear_error(run_job):
     result = run_job({**IMAGE, "output": "s3"})
     assert result == {"error": "Field 'output' is 's3' but no bucket is configured (BUCKET_ENDPOINT_URL, "
                                "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY); ask for 'auto' or 'base64'."}
+
+
+def test_an_inline_result_over_the_limit_is_an_error_naming_the_size_and_the_fix(s3, use_bucket, run_job,
+                                                                                 monkeypatch):
+    """RunPod drops a payload over its limit; the worker says so instead of returning it to be lost."""
+    monkeypatch.setattr(storage, "MAX_INLINE_CHARS", 1000)
+    inline_limit = (r"The result is [\d,]+ characters as base64, over the 1,000 that RunPod carries inline for /run "
+                    r"\(20 MB for /runsync\); configure a bucket \(BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, "
+                    r"BUCKET_SECRET_ACCESS_KEY\) to receive it as a URL, or ask for a smaller output\.")
+    result = run_job({**IMAGE, "num_images": 1})  # no bucket configured
+    assert list(result) == ["error"] and re.fullmatch(inline_limit, result["error"]), result
+    use_bucket(bucket_env(s3.endpoint))
+    result = run_job({**VIDEO, "image_url": png_b64(), "output": "base64"}, job_id="vid-b64-too-big")
+    assert list(result) == ["error"] and re.fullmatch(inline_limit, result["error"]), result
+    assert not [k for k in s3.keys() if k.startswith("vid-b64-too-big/")]  # base64 asked for: nothing uploaded
 
 
 def test_video_job_through_the_local_api_server_lands_in_the_bucket(s3, start_api):
@@ -249,13 +277,13 @@ def _break_mid_run(s3, use_bucket, monkeypatch):
     """A second S3 server that is up when the job starts and goes down after generation."""
     doomed = S3Server()
     use_bucket(bucket_env(doomed.endpoint))
-    encode = worker.frames_to_mp4
+    encode = handler.frames_to_mp4
 
     def encode_then_stop(*args, **kwargs):
         doomed.stop()
         return encode(*args, **kwargs)
 
-    monkeypatch.setattr(worker, "frames_to_mp4", encode_then_stop)
+    monkeypatch.setattr(handler, "frames_to_mp4", encode_then_stop)
     return (r"EndpointConnectionError: Could not connect to the endpoint URL: "
             rf"\"{re.escape(doomed.endpoint)}/{BUCKET}/{{job}}/[0-9a-f]{{{{8}}}}/video\.mp4\"")
 

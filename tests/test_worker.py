@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import decode_data_uri, png_b64, png_image
+from media import probe_mp4
 from PIL import Image
 
-import handler as worker
 from model_handler import ModelHandler, plan_placement
-from schemas import SCHEDULERS, WAN_NEGATIVE_PROMPT
-from video_utils import fit_area, probe_mp4
+from schemas import SCHEDULERS, WAN_NEGATIVE_PROMPT, fit_area
 
 VIDEO = {"mode": "video", "prompt": "a cat walks", "height": 64, "width": 96, "num_frames": 9,
          "num_inference_steps": 2, "fps": 12, "seed": 7}
@@ -34,7 +33,7 @@ def test_video_job_returns_an_mp4_with_the_requested_frames_fps_and_size(run_job
     assert video["boxes"].index("moov") < video["boxes"].index("mdat"), video["boxes"]  # plays while downloading
     assert {k: result[k] for k in ("seed", "width", "height", "num_frames", "fps", "duration_s")} == {
         "seed": 7, "width": 96, "height": 64, "num_frames": 9, "fps": 12, "duration_s": 0.75}
-    assert set(result["timings"]) == {"load_s", "inference_s", "encode_s"}
+    assert set(result["timings"]) == {"fetch_s", "load_s", "inference_s", "encode_s"}
     assert all(v >= 0 for v in result["timings"].values())
 
 
@@ -153,27 +152,28 @@ def test_every_scheduler_runs_base_and_refiner(run_job, scheduler):
     assert pngs(result)[0].size == (192, 128)
 
 
-def test_progress_is_posted_to_runpod_once_per_denoising_step(run_job, tiny_settings, monkeypatch):
+def test_progress_is_posted_to_runpod_once_per_denoising_step(tiny_settings, tiny_models, monkeypatch):
     import dataclasses
 
     import runpod
 
+    from handler import Worker
+
     posted = []
     monkeypatch.setattr(runpod.serverless, "progress_update", lambda job, update: posted.append((job["id"], update)))
-    worker.configure(dataclasses.replace(tiny_settings, on_runpod=True))
-    run_job({**VIDEO, "image_url": png_b64(), "num_inference_steps": 3}, job_id="v1")
+    on_runpod = Worker(dataclasses.replace(tiny_settings, on_runpod=True), tiny_models)
+    on_runpod.run({"id": "v1", "input": {**VIDEO, "image_url": png_b64(), "num_inference_steps": 3}})
     assert posted == [("v1", {"phase": "denoise", "step": s, "total": 3}) for s in (1, 2, 3)]
     posted.clear()
-    run_job(IMAGE, job_id="i1")  # base: int(4 * 0.8) = 3 steps, refiner: 5 - int(5 * 0.8) = 1 step
+    on_runpod.run({"id": "i1", "input": IMAGE})  # base: int(4 * 0.8) = 3 steps, refiner: 5 - int(5 * 0.8) = 1 step
     assert [(u["phase"], u["step"], u["total"]) for _, u in posted] == [
         ("base", 1, 4), ("base", 2, 4), ("base", 3, 4), ("refine", 4, 4)]
 
 
-def test_out_of_memory_becomes_advice_and_the_next_job_succeeds(run_job, monkeypatch):
+def test_out_of_memory_becomes_advice_and_the_next_job_succeeds(run_job, tiny_models, monkeypatch):
     """Fault injection on the real pipeline: the transformer raises CUDA OOM on its first call."""
-    models = worker._state()[1]
-    models.load_wan()
-    transformer = models.wan.transformer
+    wan, _ = tiny_models.model("video")
+    transformer = wan.pipe.transformer
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -186,27 +186,27 @@ def test_out_of_memory_becomes_advice_and_the_next_job_succeeds(run_job, monkeyp
     assert "video" in run_job({**VIDEO, "image_url": png_b64()})
 
 
-def test_missing_weights_name_the_env_var_and_the_fetch_command(tiny_settings, tmp_path):
-    import dataclasses
-
-    worker.configure(dataclasses.replace(tiny_settings, wan_model_id=str(tmp_path / "nowhere")))
-    result = worker.handler({"id": "x", "input": {**VIDEO, "image_url": png_b64()}})
+def test_missing_weights_name_the_env_var_and_the_fetch_command(make_worker, tmp_path):
+    worker = make_worker({"WAN_MODEL_ID": str(tmp_path / "nowhere")}, new_models=True)
+    result = worker.run({"id": "x", "input": {**VIDEO, "image_url": png_b64()}})
     assert result == {"error": f"Model weights for WAN_MODEL_ID='{tmp_path / 'nowhere'}' are not available locally; "
                                f"fetch them with 'python download_weights.py --only wan' or point WAN_MODEL_ID at "
                                f"a model folder."}
-    worker.configure(tiny_settings)
-    assert "video" in worker.handler({"id": "y", "input": {**VIDEO, "image_url": png_b64()}})
+    (tmp_path / "nowhere").symlink_to(worker.settings.sdxl_model_id.replace("sdxl-base", "wan-i2v"))
+    # The same worker serves the next job once the weights are there.
+    assert "video" in worker.run({"id": "y", "input": {**VIDEO, "image_url": png_b64()}})
 
 
 def test_importing_the_worker_loads_no_model(tiny_settings):
     import subprocess
     import sys
+    from pathlib import Path
 
     # Had runpod.serverless.start run, it would have taken over the process (and read test_input.json).
-    code = ("import gc, torch, handler, model_handler, schemas, video_utils, storage, download_weights; "
-            "assert handler._models is None; "
-            "assert not [o for o in gc.get_objects() if isinstance(o, torch.nn.Module)]; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=worker.__file__.rsplit("/", 1)[0], capture_output=True,
+    code = ("import gc, torch, handler, model_handler, schemas, video_utils, storage, fetch, loras, parallel, "
+            "download_weights; assert not [o for o in gc.get_objects() if isinstance(o, torch.nn.Module)]; "
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
                          text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
@@ -220,35 +220,34 @@ def test_importing_the_worker_loads_no_model(tiny_settings):
     (24, True, False, "lowvram"),   # fp8 cannot help here: quantizing needs the bf16 transformer on the GPU
 ])
 def test_placement_by_gpu_memory(gpu_gib, fp8, keep_both, profile):
-    placement = plan_placement(gpu_gib, headroom_gib=16, fp8=fp8)
+    placement = plan_placement(gpu_gib, fp8=fp8)
     assert (placement.keep_both, placement.wan_profile) == (keep_both, profile)
 
 
 def test_memory_profile_can_be_forced():
-    assert plan_placement(80, headroom_gib=16, profile="lowvram").wan_profile == "lowvram"
+    assert plan_placement(80, profile="lowvram").wan_profile == "lowvram"
 
 
-def test_cpu_runs_everything_in_float32(run_job):
-    models: ModelHandler = worker._state()[1]
+def test_cpu_runs_everything_in_float32(run_job, tiny_models: ModelHandler):
     run_job({**VIDEO, "image_url": png_b64(), "num_inference_steps": 1})
     run_job({**IMAGE, "num_inference_steps": 2})
-    assert models.device.type == "cpu"
-    assert {models.wan.transformer.dtype, models.wan.text_encoder.dtype, models.base.unet.dtype} == {torch.float32}
+    assert tiny_models.device.type == "cpu"
+    wan, base = tiny_models.wan.pipe, tiny_models.sdxl.base
+    assert {wan.transformer.dtype, wan.text_encoder.dtype, base.unet.dtype} == {torch.float32}
 
 
 def _count_last_block_calls(models: ModelHandler):
     calls = []
     # A leaf inside the block: a cache hook may answer for the block (or its attention) without running it.
-    handle = models.wan.transformer.blocks[-1].attn1.to_q.register_forward_hook(lambda *a: calls.append(1))
+    handle = models.wan.pipe.transformer.blocks[-1].attn1.to_q.register_forward_hook(lambda *a: calls.append(1))
     return calls, handle
 
 
 @pytest.mark.parametrize("kind", ["first_block", "taylorseer"])
-def test_step_cache_skips_transformer_work_and_is_gone_after_the_job(run_job, kind):
+def test_step_cache_skips_transformer_work_and_is_gone_after_the_job(run_job, tiny_models, kind):
     job = {**VIDEO, "image_url": png_b64(seed=9), "num_inference_steps": 8}
     plain = run_job(job)
-    models = worker._state()[1]
-    calls, handle = _count_last_block_calls(models)
+    calls, handle = _count_last_block_calls(tiny_models)
     cached = run_job({**job, "step_cache": kind, "step_cache_threshold": 0.9})
     cached_calls = len(calls)
     calls.clear()
@@ -260,25 +259,53 @@ def test_step_cache_skips_transformer_work_and_is_gone_after_the_job(run_job, ki
     assert np.array_equal(decode[0], decode[1])  # no cache state leaks into the next job
 
 
-def test_every_switch_that_runs_on_cpu_turned_on(tiny_env):
-    """Compilation, fused QKV, LoRA fusing, an explicit attention backend, the bf16 VAE, another x264
-    preset and the memory settings (which a CPU ignores), plus float8 (ignored without an Ada/Hopper
-    GPU): both modes still work."""
-    from settings import load_settings
+def test_a_cancelled_job_stops_within_one_step_and_the_next_job_succeeds(worker, tiny_models):
+    """RunPod cancels the handler's task on a cancel or a timeout (JobScaler.stop_job: task.cancel())."""
+    import asyncio
 
-    settings = load_settings(tiny_env | {
-        "WAN_COMPILE": "1", "SDXL_COMPILE": "1", "SDXL_FUSE_QKV": "1", "LORA_FUSE": "1", "WAN_FP8": "1",
-        "ATTENTION_BACKEND": "native", "MEMORY_PROFILE": "lowvram", "GPU_MEMORY_GIB": "24",
-        "WAN_VAE_DTYPE": "bfloat16", "MP4_PRESET": "ultrafast"})
-    worker.configure(settings)
+    wan, _ = tiny_models.model("video")
+    calls: list[int] = []
+    hook = wan.pipe.transformer.register_forward_hook(lambda *args: calls.append(1))
+    job = {"id": "long", "input": {**VIDEO, "image_url": png_b64(), "num_inference_steps": 100}}
+
+    async def cancel_after_two_steps() -> int:
+        task = asyncio.create_task(worker.handle(job))
+        while len(calls) < 4:  # two steps: cond + uncond each
+            await asyncio.sleep(0.005)
+        task.cancel()
+        at_cancel = len(calls)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return at_cancel
+
     try:
-        refused = worker.handler({"id": "c", "input": {**VIDEO, "image_url": png_b64(), "step_cache": "first_block"}})
-        assert refused == {"error": "Field 'step_cache' is 'first_block', but this worker runs with WAN_COMPILE=1, "
-                                    "which step caching cannot be combined with; send 'off'."}
-        video = worker.handler({"id": "v", "input": {**VIDEO, "image_url": png_b64()}})
-        assert "error" not in video, video
-        assert probe_mp4(decode_data_uri(video["video"], "video/mp4"))["frames"] == 9
-        image = worker.handler({"id": "i", "input": {**IMAGE, "num_inference_steps": 2}})
-        assert [im.size for im in pngs(image)] == [(192, 128)], image
+        at_cancel = asyncio.run(cancel_after_two_steps())
     finally:
-        worker.configure(load_settings(tiny_env))
+        hook.remove()
+    assert len(calls) - at_cancel <= 2  # at most the step under way when the cancel came, of 100
+    result = worker.run({"id": "next", "input": {**VIDEO, "image_url": png_b64()}})
+    assert probe_mp4(decode_data_uri(result["video"], "video/mp4"))["frames"] == 9
+
+
+def test_a_size_of_another_aspect_ratio_crops_the_input_instead_of_stretching_it():
+    from video_utils import cover
+
+    stripes = np.zeros((100, 300, 3), np.uint8)  # red | green | blue, side by side
+    stripes[:, :100, 0] = stripes[:, 100:200, 1] = stripes[:, 200:, 2] = 255
+    square = np.asarray(cover(Image.fromarray(stripes), 64, 64)).astype(int)
+    assert square.shape == (64, 64, 3)
+    inside = square[:, 3:-3]  # resampling blends the stripes' edges
+    assert (inside[..., 1] > 250).all() and (inside[..., [0, 2]] < 5).all()  # only the middle third, unstretched
+    wide = np.asarray(cover(Image.fromarray(stripes.transpose(1, 0, 2).copy()), 96, 32)).astype(int)
+    assert wide.shape == (32, 96, 3) and (wide[3:-3, :, 1] > 250).all()
+
+
+def test_video_jobs_give_the_pipeline_the_cropped_first_frame(run_job, tiny_models, monkeypatch):
+    import handler
+
+    given = []
+    monkeypatch.setattr(handler, "cover", lambda image, w, h: given.append((image.size, w, h)) or
+                        image.resize((w, h)))
+    result = run_job({**VIDEO, "image_url": png_b64(200, 100), "height": 64, "width": 64, "num_frames": 5})
+    assert "error" not in result, result
+    assert given == [((200, 100), 64, 64)]

@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Cold start: seconds from a fresh `python handler.py --test_input '<job>'` to its result, page cache evicted.
+
+For each shape (input image WxH and frames; the worker sizes the video from the image, as for a user who
+sends no height/width) and each configuration, the model files and the compile cache are dropped from the
+page cache, then the worker starts in a new process as the Dockerfile's CMD starts it, with empty local
+compiler caches as on a new machine, runs one short video job (2 steps: the figure is start-up cost, not
+generation) and exits. The time is taken when the MP4 it writes under LOCAL_OUTPUT_DIR appears; the
+result's own timings (read from runpod's "Job result" log line: the local handler writes only the media)
+give the first job's s/step.
+
+Configurations: default (no settings); speed-empty (WAN_FP8=1 WAN_COMPILE=1 WAN_VAE_DTYPE=bfloat16, the
+compile cache emptied first); speed-cached (the same, with the cache that speed-empty or bench.py left);
+plain (plain.py, the model card's recipe, in a fresh process).
+
+    python benchmarks/cold_start.py --models /tmp/bench-models [--shapes 832x480x81,1024x768x33]
+        [--configs default,speed-empty,speed-cached,plain] [--cache-dir /tmp/compile-cache] [--set K=V]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import DEFAULT_MODELS, RESULTS, ROOT, meta, video_input  # noqa: E402
+
+SPEED = {"WAN_FP8": "1", "WAN_COMPILE": "1", "WAN_VAE_DTYPE": "bfloat16"}
+CONFIGS = ("default", "speed-empty", "speed-cached", "plain")
+
+
+def evict(paths: list[Path], everything: bool = True) -> str:
+    """Drop these files from the page cache (and the whole cache where allowed); returns what was done."""
+    os.sync()  # dirty pages cannot be dropped
+    done = 0
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            done += 1
+        finally:
+            os.close(fd)
+    how = f"posix_fadvise(DONTNEED) on {done} files"
+    if not everything:
+        return how
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return how + " + drop_caches"
+    except OSError as err:
+        return how + f" (drop_caches: {err.strerror})"
+
+
+def files(*folders: Path) -> list[Path]:
+    return [p for folder in folders if folder.exists() for p in folder.rglob("*") if p.is_file()]
+
+
+def worker_result(folder: Path, log: str) -> dict:
+    """The job's result: result.json beside the media if the worker writes one, else runpod's log line."""
+    if (folder / "result.json").exists():
+        return json.loads((folder / "result.json").read_text())
+    line = next((line for line in reversed(log.splitlines()) if "Job result:" in line), None)
+    if line is None:
+        return {}
+    result = ast.literal_eval(line.split("Job result:", 1)[1].strip())
+    return result.get("output", result)  # runpod wraps the handler's return value
+
+
+def run(config: str, shape: str, args: argparse.Namespace, scratch: Path) -> dict:
+    from bench import worker_env
+
+    width, height, frames = (int(v) for v in shape.split("x"))
+    job_id = f"cold-{config}-{shape}"
+    size = (width, height) if args.tiny else None  # tiny: no auto-sizing up to 480x832
+    env = worker_env(args.models, dict(item.split("=", 1) for item in args.set))
+    # A new worker's local compiler caches are empty: only COMPILE_CACHE_DIR (the volume) may hold kernels.
+    local_caches = [scratch / f"inductor-{job_id}", scratch / f"triton-{job_id}"]
+    env |= {"LOCAL_OUTPUT_DIR": str(scratch), "TORCHINDUCTOR_CACHE_DIR": str(local_caches[0]),
+            "TRITON_CACHE_DIR": str(local_caches[1])}
+    rec: dict = {"config": config, "shape": shape, "steps": args.steps}
+    if config.startswith("speed"):
+        env |= SPEED | {"COMPILE_CACHE_DIR": str(args.cache_dir)}
+        if config == "speed-empty":
+            shutil.rmtree(args.cache_dir, ignore_errors=True)
+        rec["cache_files_before"] = len(files(args.cache_dir))
+    if config == "plain":
+        result_file = scratch / f"{job_id}.json"
+        cmd = [sys.executable, "benchmarks/plain.py", "--models", str(args.models), "--image", f"{width}x{height}",
+               "--frames", str(frames), "--steps", str(args.steps), "--out", str(result_file)]
+        cmd += ["--size", f"{width}x{height}"] if size else []
+    else:
+        job = video_input(dict(frames=frames, image=(width, height), size=size), num_inference_steps=args.steps)
+        cmd = [sys.executable, "handler.py", "--test_input", json.dumps({"id": job_id, "input": job})]
+    rec["eviction"] = evict(files(args.models / "wan-i2v", args.cache_dir), everything=not args.tiny)
+    log_path = scratch / f"{job_id}.log"
+    start = time.time()
+    try:
+        with open(log_path, "w") as log:
+            rec["rc"] = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       timeout=args.timeout).returncode
+    except subprocess.TimeoutExpired:
+        rec["rc"] = f"killed after {args.timeout} s"
+    rec["exit_s"] = time.time() - start
+    for folder in local_caches:
+        shutil.rmtree(folder, ignore_errors=True)
+    text = log_path.read_text(errors="replace")
+    if config == "plain":
+        result = json.loads(result_file.read_text()) if result_file.exists() else {}
+        if result:
+            rec["start_to_result_s"] = result["finished_at"] - start
+            rec.update({k: result[k] for k in ("load_s", "s_per_step", "width", "height")})
+    else:
+        mp4 = next((scratch / job_id).glob("*.mp4"), None)
+        if mp4 is not None:
+            rec["start_to_result_s"] = mp4.stat().st_mtime - start
+        result = worker_result(scratch / job_id, text)
+        timings = result.get("timings", {})
+        rec.update(timings=timings, width=result.get("width"), height=result.get("height"))
+        # The steady step: the time between the worker's logged step ends (the first step may still compile).
+        stamps = [time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000
+                  for m in re.finditer(r"^(\S+ \S+),(\d+) INFO worker: job \S+: denoise step \d+/", text, re.M)]
+        if len(stamps) >= 2:
+            rec["s_per_step"] = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+        # Start-up as the worker logs it (a preload or warm-up happens before the job, outside its timings).
+        for key, pattern in (("wan_load_s", r"Wan2.1 I2V loaded on \S+ in ([\d.]+) s"),
+                             ("wan_warm_up_s", r"wan warm-up took ([\d.]+) s")):
+            if found := re.search(pattern, text):
+                rec[key] = float(found[1])
+    if "start_to_result_s" not in rec:
+        rec["error"] = "no result"
+        rec["log_tail"] = text.splitlines()[-15:]
+    if config.startswith("speed"):
+        rec["cache_files_after"] = len(files(args.cache_dir))
+    return rec
+
+
+def table(data: dict) -> str:
+    lines = [f"{data['gpu']}, {data['date']}, torch {data['torch']}, {data['steps']}-step video job", "",
+             "| shape (input WxH x frames) | configuration | start -> result s | Wan load s | warm-up s | "
+             "first job s/step | rc |", "|---|---|---|---|---|---|---|"]
+
+    def cell(value: float | None, digits: int = 1) -> str:
+        return "-" if value is None else str(round(value, digits))
+
+    for rec in data["runs"].values():
+        load = rec.get("wan_load_s") or rec.get("timings", {}).get("load_s") or rec.get("load_s")
+        lines.append(f"| {rec['shape']} -> {rec.get('width')}x{rec.get('height')} | {rec['config']} | "
+                     f"{cell(rec.get('start_to_result_s'))} | {cell(load)} | {cell(rec.get('wan_warm_up_s'))} | "
+                     f"{cell(rec.get('s_per_step'), 2)} | {rec['rc']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="random-weight models (bench.py builds them)")
+    p.add_argument("--shapes", default="832x480x81,1024x768x33", help="input image WxH x frames, comma-separated")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"from {','.join(CONFIGS)}, run in this order")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--cache-dir", type=Path, default=Path("/tmp/compile-cache"), help="COMPILE_CACHE_DIR")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="worker environment variable")
+    p.add_argument("--timeout", type=float, default=1500.0, help="seconds one start may take")
+    p.add_argument("--tiny", action="store_true", help="tiny models on CPU: explicit video size (the tests)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="writes OUT/cold_start.json")
+    args = p.parse_args(argv)
+    if args.tiny and args.out == RESULTS:  # tiny figures never land beside the real ones
+        args.out = Path(tempfile.gettempdir()) / "bench-tiny"
+    if unknown := set(args.configs.split(",")) - set(CONFIGS):
+        p.error(f"--configs takes {', '.join(CONFIGS)}; got {', '.join(sorted(unknown))}")
+    if not (args.models / ".random-wan.json").exists() and not (args.models / "wan-i2v").exists():
+        # Random-weight models (in a child process: this one never holds the GPU while the starts are timed).
+        subprocess.run([sys.executable, "download_weights.py", "--tiny" if args.tiny else "--random-full",
+                        str(args.models), "--only", "wan"], cwd=ROOT, check=True)
+    data = {**meta("cold_start.py", sys.argv[1:] if argv is None else argv), "steps": args.steps, "set": args.set,
+            "shapes": args.shapes.split(","), "runs": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cold-") as scratch:
+        for shape in data["shapes"]:
+            for config in args.configs.split(","):
+                rec = run(config, shape, args, Path(scratch))
+                data["runs"][f"{config} {shape}"] = rec
+                print(f"[cold] {config} {shape}: {json.dumps(rec)[:400]}", flush=True)
+                (args.out / "cold_start.json").write_text(json.dumps(data, indent=1) + "\n")
+    print(table(data))
+    return 0 if all("error" not in rec for rec in data["runs"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

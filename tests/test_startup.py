@@ -1,0 +1,78 @@
+"""Start-up as deployed: `python handler.py` in a subprocess, as the Dockerfile's CMD starts it, with the
+start-up switches on (WAN_COMPILE, SDXL_COMPILE, PRELOAD_MODELS, WAN_FP8, COMPILE_CACHE_DIR); jobs of other
+shapes than the warm-up's afterwards; a failed start-up that leaves the worker serving; the compile cache
+shared by two worker processes; and a start-up log free of third-party notices that read like failures."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+from conftest import ROOT, decode_data_uri, png_b64
+from media import probe_mp4
+from test_cli import run
+from test_worker import IMAGE, VIDEO, pngs
+
+# What a start-up may print: the worker's own lines and runpod's. Anything else (a library's warning,
+# a progress bar, a traceback) is noise a RunPod user would read as a failure.
+OWN_LINE = re.compile(r"^(\d{4}-\d\d-\d\d [\d:,]+ (INFO|WARNING|ERROR) worker: |(INFO|WARN|ERROR) +\| |"
+                      r"--- Starting Serverless Worker)")
+
+
+def foreign_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if line.strip() and not OWN_LINE.match(line)]
+
+
+def test_speed_switches_start_quietly_and_a_second_worker_reuses_the_compile_cache(tiny_env, tmp_path):
+    """Two workers of one endpoint, one after the other, sharing COMPILE_CACHE_DIR (the network volume)
+    but not the local inductor cache: the first compiles and writes the cache, the second loads it."""
+    job = {"input": {**VIDEO, "image_url": png_b64(64, 48), "height": 96, "width": 128, "num_frames": 13}}
+    env = tiny_env | {"WAN_COMPILE": "1", "WAN_FP8": "1", "COMPILE_CACHE_DIR": str(tmp_path / "volume")}
+    logs = []
+    for n in (1, 2):
+        local = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"local-{n}"),
+                 "LOCAL_OUTPUT_DIR": str(tmp_path / f"out-{n}")}
+        out = run([sys.executable, "handler.py", "--test_input", json.dumps(job)], env | local)
+        log = out.stdout + out.stderr
+        assert out.returncode == 0, log[-3000:]
+        video = probe_mp4((tmp_path / f"out-{n}" / "local_test" / "video.mp4").read_bytes())
+        assert (video["frames"], video["width"], video["height"]) == (13, 128, 96)
+        assert foreign_lines(log) == [], log[-3000:]
+        assert "WAN_FP8 is ignored on cpu: float8 matmuls need a GPU of compute capability 8.9+" in log
+        logs.append(log)
+    assert re.search(r"wan warm-up took [\d.]+ s \(compiled; cache written to .*/volume/wan-\w+\.bin\)", logs[0])
+    assert re.search(r"wan warm-up took [\d.]+ s \([1-9]\d* compiled graphs from the compile cache", logs[1]), logs[1]
+    assert [p.suffix for p in (tmp_path / "volume").iterdir()] == [".bin"]
+
+
+def test_every_start_up_switch_on_then_jobs_of_other_shapes(start_api):
+    server = start_api({"WAN_COMPILE": "1", "SDXL_COMPILE": "1", "PRELOAD_MODELS": "sdxl,wan", "WAN_FP8": "1",
+                        "COMPILE_CACHE_DIR": "off"}, ready_timeout_s=600)
+    log = server.log()
+    assert "sdxl warm-up took" in log and "wan warm-up took" in log, log[-3000:]
+    assert "start-up of" not in log  # nothing failed
+    video = server.runsync({**VIDEO, "image_url": png_b64(), "height": 80, "width": 112, "num_frames": 5})["output"]
+    assert (probe_mp4(decode_data_uri(video["video"], "video/mp4"))["frames"], video["width"]) == (5, 112)
+    auto = server.runsync({**VIDEO, "image_url": png_b64(48, 64), "height": None, "width": None})["output"]
+    assert (auto["width"], auto["height"]) == (544, 720)  # a portrait image: a portrait video
+    image = server.runsync({**IMAGE, "height": 128, "width": 136})["output"]
+    assert [im.size for im in pngs(image)] == [(136, 128)]
+
+
+def test_a_start_up_that_fails_logs_one_line_and_the_worker_keeps_serving(start_api, tmp_path):
+    missing = tmp_path / "no-weights"
+    server = start_api({"WAN_MODEL_ID": str(missing), "WAN_COMPILE": "1", "PRELOAD_MODELS": "wan"})
+    failed = [line for line in server.log().splitlines() if "start-up of wan failed" in line]
+    assert len(failed) == 1, server.log()[-3000:]
+    assert "the worker keeps serving (ModelUnavailable: Model weights for WAN_MODEL_ID" in failed[0]
+    video = server.runsync({**VIDEO, "image_url": png_b64()})
+    assert video["error"].startswith(f"Model weights for WAN_MODEL_ID='{missing}' are not available locally")
+    image = server.runsync(IMAGE)["output"]  # the other mode is unaffected
+    assert [im.size for im in pngs(image)] == [(192, 128)]
+    assert server.proc.poll() is None
+
+
+def test_the_dockerfile_starts_the_worker_the_way_these_tests_do():
+    cmd = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("CMD")]
+    assert cmd == ['CMD ["python", "-u", "handler.py"]']
