@@ -489,11 +489,14 @@ class CompileCache:
         if self.path is None or not self.path.is_file():
             return False
         try:
-            torch.compiler.load_cache_artifacts(self.path.read_bytes())
-            return True
-        except Exception as err:  # noqa: BLE001 - a bad cache costs a compile, never the worker
-            log.warning("compile cache %s could not be loaded (%s); compiling instead", self.path, err)
-            return False
+            # None for bytes torch cannot read (another version, a corrupt file): torch logs why.
+            if torch.compiler.load_cache_artifacts(self.path.read_bytes()) is not None:
+                return True
+            err: Exception | str = "unreadable artifacts"
+        except Exception as raised:  # noqa: BLE001 - a bad cache costs a compile, never the worker
+            err = raised
+        log.warning("compile cache %s could not be loaded (%s); compiling instead", self.path, err)
+        return False
 
     def save(self) -> None:
         if self.path is None:

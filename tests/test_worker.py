@@ -53,11 +53,15 @@ def test_models_load_once_and_stay(run_job):
 
 
 def test_img2img_keeps_the_input_aspect_ratio_at_the_requested_area(run_job):
-    result = run_job({"prompt": "", "image_url": "data:image/png;base64," + png_b64(200, 100), "height": 128,
-                      "width": 128, "refiner_inference_steps": 10, "strength": 0.5, "seed": 1})
+    result = run_job({"prompt": "", "image_url": "data:image/png;base64," + png_b64(200, 100), "height": 256,
+                      "width": 256, "refiner_inference_steps": 10, "strength": 0.5, "seed": 1})
     assert "error" not in result, result
-    # 2:1 input at 128x128 = 16384 pixels -> 176x88 (multiples of 8)
-    assert [im.size for im in pngs(result)] == [(176, 88)]
+    # 2:1 input at 256x256 = 65536 pixels -> 360x176 (multiples of 8)
+    assert [im.size for im in pngs(result)] == [(360, 176)]
+    # At 128x128 the same input would give 176x88, a side below the 128 that images may have.
+    small = run_job({"prompt": "", "image_url": png_b64(200, 100), "height": 128, "width": 128})
+    assert small == {"error": "Field 'image_url' is a 200x100 image whose aspect ratio gives a 176x88 result; sides "
+                              "from 128 to 2048 are allowed, so send a less elongated image."}
 
 
 def test_video_size_follows_the_image_aspect_ratio_when_not_given(run_job):
@@ -109,14 +113,15 @@ def test_video_frames_equal_a_plain_diffusers_call(run_job, tiny_env):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline
     from transformers import CLIPVisionModel
 
-    result = run_job({**VIDEO, "image_url": png_b64(seed=5), "flow_shift": 5.0})
+    # An input of the video's aspect ratio: the worker's crop-to-fill is then a plain resize.
+    result = run_job({**VIDEO, "image_url": png_b64(96, 64, seed=5), "flow_shift": 5.0})
     model_id = tiny_env["WAN_MODEL_ID"]
     pipe = WanImageToVideoPipeline.from_pretrained(
         model_id, vae=AutoencoderKLWan.from_pretrained(model_id, subfolder="vae", dtype=torch.float32),
         image_encoder=CLIPVisionModel.from_pretrained(model_id, subfolder="image_encoder", dtype=torch.float32),
         dtype=torch.float32)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=5.0)
-    frames = pipe(image=png_image(seed=5).resize((96, 64)), prompt="a cat walks", negative_prompt=WAN_NEGATIVE_PROMPT,
+    frames = pipe(image=png_image(96, 64, seed=5), prompt="a cat walks", negative_prompt=WAN_NEGATIVE_PROMPT,
                   height=64, width=96, num_frames=9, num_inference_steps=2, guidance_scale=5.0,
                   generator=torch.Generator("cpu").manual_seed(7), output_type="np").frames[0]
     plain = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
