@@ -153,8 +153,8 @@ class _Model:
     def warm_up(self) -> float:
         """Run one real, short job at the default shape so that compilation happens before any user job.
 
-        The compile cache (COMPILE_CACHE_DIR) is loaded first and written after, so only the first
-        worker of an endpoint pays for compiling.
+        The compile cache (COMPILE_CACHE_DIR) is loaded first and written after, so that later workers
+        of an endpoint skip the part of compiling that torch's cache artifacts hold (inductor's kernels).
         """
         from torch._dynamo.utils import counters
 
@@ -168,11 +168,10 @@ class _Model:
         finally:
             self._warming_up = False
         seconds = time.perf_counter() - start
-        if cache and not loaded:
-            cache.save()
+        written = cache.save() if cache and not loaded else False
         hits = counters["inductor"]["fxgraph_cache_hit"] - hits
         cached = (f" ({hits} compiled graphs from the compile cache {cache.path})" if loaded else
-                  f" (compiled; cache written to {cache.path})" if cache and cache.path else "")
+                  f" (compiled; cache written to {cache.path})" if written else "")
         log.info("%s warm-up took %.1f s%s", self.name, seconds, cached)
         return seconds
 
@@ -498,20 +497,22 @@ class CompileCache:
         log.warning("compile cache %s could not be loaded (%s); compiling instead", self.path, err)
         return False
 
-    def save(self) -> None:
+    def save(self) -> bool:
         if self.path is None:
-            return
+            return False
         try:
             artifacts = torch.compiler.save_cache_artifacts()
             if artifacts is None:
-                return
+                return False
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.path.parent, prefix=f".{self.path.name}.", delete=False) as tmp:
                 tmp.write(artifacts[0])
             os.replace(tmp.name, self.path)
             log.info("compile cache written to %s (%.1f MB)", self.path, len(artifacts[0]) / 1e6)
+            return True
         except Exception as err:  # noqa: BLE001 - a read-only or full volume costs the next worker a compile
             log.warning("compile cache %s could not be written (%s)", self.path, err)
+            return False
 
 
 @contextmanager

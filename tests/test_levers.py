@@ -122,7 +122,7 @@ def test_the_compile_cache_is_written_whole_and_a_bad_one_costs_only_a_compile(t
     cache = CompileCache(str(tmp_path / "volume"), "wan-key")
     assert not cache.load()  # nothing there yet: the worker compiles
     torch.compile(lambda x: x * 2 + 1)(torch.ones(3))  # something for torch to save
-    cache.save()
+    assert cache.save()
     assert [p.name for p in (tmp_path / "volume").iterdir()] == ["wan-key.bin"]  # no temporary file left
     assert cache.load()
     cache.path.write_bytes(b"not artifacts")
