@@ -199,13 +199,6 @@ class ParallelWan:
 
     def generate(self, job: Any, image: Any, progress: Callable[[str, int, int], None] | None = None,
                  cancelled: Callable[[], bool] | None = None) -> tuple[Any, dict[str, float]]:
-        from schemas import InputError
-
-        if job.step_cache == "first_block":
-            # Each rank would decide alone, from its own part of the tokens, whether to skip the blocks.
-            raise InputError(f"Field 'step_cache' is 'first_block', which cannot run on this worker's "
-                             f"{self._group.world} GPUs (each would decide alone which steps to skip); send "
-                             f"'off' or 'taylorseer'.")
         load_s = self.load()
         fetch_s = self._fetch_loras(job)  # once here, so that the other ranks find the files on disk
         buf = io.BytesIO()

@@ -515,6 +515,11 @@ def _check_video(job: VideoJob, settings: Settings) -> None:
         # The cache hooks wrap the transformer blocks, which torch.compile(fullgraph=True) cannot trace.
         raise InputError(f"Field 'step_cache' is {job.step_cache!r}, but this worker runs with WAN_COMPILE=1, "
                          f"which step caching cannot be combined with; send 'off'.")
+    if job.step_cache == "first_block" and settings.num_gpus > 1:
+        # Each GPU would decide alone, from its own part of the tokens, whether to skip the blocks.
+        raise InputError(f"Field 'step_cache' is 'first_block', which cannot run on this worker's "
+                         f"{settings.num_gpus} GPUs (each would decide alone which steps to skip); send "
+                         f"'off' or 'taylorseer'.")
     if job.height is not None:
         _check_tokens(job, settings)  # before anything is fetched
 
