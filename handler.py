@@ -60,6 +60,10 @@ class Worker:
             return {"error": f"The job failed with an internal error ({type(err).__name__}: {detail}); "
                              f"the worker is ready for the next job."}
 
+    def start_up(self) -> dict[str, float]:
+        """Preloads and warm-ups, on the thread that runs the jobs: CUDA graphs are recorded per thread."""
+        return self._thread.submit(self.models.start_up).result()
+
     async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
         """The RunPod handler. RunPod cancels this task on a cancel or a timeout: the job stops within one step."""
         stop = threading.Event()
@@ -222,8 +226,8 @@ def main() -> None:
         except parallel.ParallelError as err:
             log.error("%s", err)
             sys.exit(2)
-    models.start_up()
     worker = Worker(settings, models)
+    worker.start_up()
     local_test = "--rp_serve_api" not in sys.argv and not settings.on_runpod
     runpod.serverless.start({"handler": local_handler(worker) if local_test else worker.handle})
 

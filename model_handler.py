@@ -317,10 +317,11 @@ class WanModel(_Model):
             log.warning("WAN_FP8 is ignored on %s: float8 matmuls need a GPU of compute capability 8.9+ "
                         "(Ada, Hopper)", self.device)
             return False
-        if self.placement.wan_profile == "lowvram":
-            # torchao quantizes on the GPU, so the bf16 transformer (30.5 GiB) would have to fit there first.
-            log.warning("WAN_FP8 is ignored with the lowvram profile: quantizing needs the bf16 transformer on "
-                        "the GPU")
+        if self.placement.wan_profile != "full":
+            # torchao quantizes on the GPU, and its float8 weights cannot be moved to CPU memory and back
+            # (`Couldn't swap Linear.weight`), which model and group offload do at every job.
+            log.warning("WAN_FP8 is ignored with the %s profile: float8 weights must stay on the GPU",
+                        self.placement.wan_profile)
             return False
         return True
 
@@ -378,10 +379,16 @@ class WanModel(_Model):
         return seconds
 
     def park(self) -> None:
-        if self.pipe is not None and self.placement.wan_profile == "full" and self.pipe.device.type == "cuda":
+        if self.pipe is None or self.placement.wan_profile != "full" or self.pipe.device.type != "cuda":
+            return
+        if self.fp8:
+            # Float8 weights cannot move to CPU memory: unload, and load again on the next video job.
+            log.info("Unloading Wan: it does not fit on the GPU beside SDXL, and float8 weights cannot be parked")
+            self.pipe = self.loras = None
+        else:
             log.info("Moving Wan to CPU memory: it does not fit on the GPU beside SDXL")
             self.pipe.to("cpu")
-            free_memory()
+        free_memory()
 
     def resident(self) -> None:
         # Compared by type: "cuda:0" is where "cuda" put it, and moving float8 weights again would fail.
@@ -415,7 +422,7 @@ class WanModel(_Model):
                                                                   flow_shift=job.flow_shift)
         start = time.perf_counter()
         oom = _friendly_oom(f"{job.num_frames} frames of {job.width}x{job.height}", "fewer frames or a smaller size")
-        with oom, _step_cache(self.pipe.transformer, job), self._stance():
+        with oom, _step_cache(self.pipe.transformer, job), self._stance(), self._offloaded_on_failure():
             frames = self.pipe(
                 image=image, prompt=job.prompt, negative_prompt=job.negative_prompt, height=job.height,
                 width=job.width, num_frames=job.num_frames, num_inference_steps=job.num_inference_steps,
@@ -425,6 +432,17 @@ class WanModel(_Model):
             ).frames[0]
         timings = {"inference_s": time.perf_counter() - start}
         return frames, timings | ({"lora_s": lora_s} if job.loras else {})
+
+
+    @contextmanager
+    def _offloaded_on_failure(self) -> Iterator[None]:
+        """A cancelled or failed job leaves the model CPU offload as a finished one does (diffusers offloads
+        again only at the end of a successful call), so the next job does not meet a resident transformer."""
+        try:
+            yield
+        except BaseException:
+            self.pipe.maybe_free_model_hooks()
+            raise
 
 
 class ModelHandler:

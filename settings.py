@@ -20,6 +20,7 @@ DEFAULT_SDXL_REFINER_ID = "stabilityai/stable-diffusion-xl-refiner-1.0"
 DEFAULT_SDXL_VAE_ID = "madebyollin/sdxl-vae-fp16-fix"
 DEFAULT_WAN_MODEL_ID = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+RUNPOD_LOG_LEVELS = ("NOTSET", "TRACE", "DEBUG", "INFO", "WARN", "ERROR")  # runpod's RunPodLogger accepts these
 BUCKET_VARS = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY")
 
 
@@ -212,6 +213,13 @@ def _lora_settings(env: Mapping[str, str]) -> dict:
                 lora_fuse=_flag(env, "LORA_FUSE"), lora_roots=roots, wan_fast_lora=fast)
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    value = env.get(name, "").strip().upper() or default
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {env.get(name)!r}.")
+    return value
+
+
 def _compile_cache_dir(env: Mapping[str, str]) -> str | None:
     """COMPILE_CACHE_DIR, else a folder on the network volume when one is mounted ("off" disables it)."""
     raw = env.get("COMPILE_CACHE_DIR", "").strip()
@@ -257,7 +265,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         sdxl_compile=_flag(env, "SDXL_COMPILE"),
         compile_cache_dir=_compile_cache_dir(env),
         num_gpus=_int(env, "NUM_GPUS", 1),
-        runpod_log_level=env.get("RUNPOD_LOG_LEVEL") or "INFO",
+        runpod_log_level=_choice(env, "RUNPOD_LOG_LEVEL", RUNPOD_LOG_LEVELS, "INFO"),
         on_runpod=bool(env.get("RUNPOD_WEBHOOK_GET_JOB")),
         local_output_dir=env.get("LOCAL_OUTPUT_DIR") or "outputs",
         mp4_preset=mp4_preset,

@@ -126,10 +126,12 @@ def deliver(artifacts: list[Artifact], job_id: str, bucket: Bucket | None, outpu
         size = sum(len(uri) for uri in inline)
         if size > MAX_INLINE_CHARS:
             # RunPod would drop a result this large; say so instead of losing it without a word.
-            raise DeliveryError(
-                f"The result is {size:,} characters as base64, over the {MAX_INLINE_CHARS:,} that RunPod carries "
-                f"inline for /run (20 MB for /runsync); configure a bucket (BUCKET_ENDPOINT_URL, "
-                f"BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY) to receive it as a URL, or ask for a smaller output.")
+            fix = ("ask for output 'auto' to receive it as a URL from the configured bucket" if bucket else
+                   "configure a bucket (BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY) to "
+                   "receive it as a URL")
+            raise DeliveryError(f"The result is {size:,} characters as base64, over the {MAX_INLINE_CHARS:,} that "
+                                f"RunPod carries inline for /run (20 MB for /runsync); {fix}, or ask for a smaller "
+                                f"output.")
         return inline, []
     attempts = UPLOAD_ATTEMPTS if attempts is None else max(1, attempts)
     try:

@@ -51,6 +51,8 @@ def test_the_mp4_is_encoded_with_the_configured_x264_preset(make_worker, preset,
     ({"MP4_PRESET": "quick"}, "MP4_PRESET must be one of ultrafast, superfast, veryfast, faster, fast, medium, "
                               "slow, slower, veryslow, got 'quick'."),
     ({"NUM_GPUS": "0"}, "NUM_GPUS must be positive, got 0."),
+    ({"RUNPOD_LOG_LEVEL": "verbose"}, "RUNPOD_LOG_LEVEL must be one of NOTSET, TRACE, DEBUG, INFO, WARN, ERROR, "
+                                      "got 'verbose'."),
 ])
 def test_bad_speed_settings_are_refused_at_start_up(env, message):
     with pytest.raises(SettingsError) as err:

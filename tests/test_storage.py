@@ -188,7 +188,11 @@ def test_an_inline_result_over_the_limit_is_an_error_naming_the_size_and_the_fix
     assert list(result) == ["error"] and re.fullmatch(inline_limit, result["error"]), result
     use_bucket(bucket_env(s3.endpoint))
     result = run_job({**VIDEO, "image_url": png_b64(), "output": "base64"}, job_id="vid-b64-too-big")
-    assert list(result) == ["error"] and re.fullmatch(inline_limit, result["error"]), result
+    with_bucket = inline_limit.replace(r"configure a bucket \(BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, "
+                                       r"BUCKET_SECRET_ACCESS_KEY\) to receive it as a URL",
+                                       "ask for output 'auto' to receive it as a URL from the configured bucket")
+    assert with_bucket != inline_limit
+    assert list(result) == ["error"] and re.fullmatch(with_bucket, result["error"]), result
     assert not [k for k in s3.keys() if k.startswith("vid-b64-too-big/")]  # base64 asked for: nothing uploaded
 
 
