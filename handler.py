@@ -184,7 +184,9 @@ def quiet_third_party(settings: Settings) -> None:
     """
     import torch
 
-    if not (settings.wan_fp8 and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)):
+    from model_handler import fp8_capable
+
+    if not (settings.wan_fp8 and torch.cuda.is_available() and fp8_capable(torch.device("cuda"))):
         # torchao serves WAN_FP8 only, yet transformers' and diffusers' quantizer registries import it
         # whenever it is installed, and it then reports its optional kernels as "Failed to load".
         sys.modules.setdefault("torchao", None)

@@ -302,28 +302,12 @@ class WanModel(_Model):
         self.pipe = None
         self.placement = placement
         self.compiled = settings.wan_compile
+        self.fp8 = _use_fp8(settings.wan_fp8, device, placement.wan_profile)
         self.on_step: Callable[[], None] | None = None  # called at every step end (parallel.py's collective cancel)
 
     @property
     def loaded(self) -> bool:
         return self.pipe is not None
-
-    @property
-    def fp8(self) -> bool:
-        """Whether WAN_FP8 applies here: it needs float8 matmuls and room to quantize on the GPU."""
-        if not self.settings.wan_fp8:
-            return False
-        if not _fp8_capable(self.device):
-            log.warning("WAN_FP8 is ignored on %s: float8 matmuls need a GPU of compute capability 8.9+ "
-                        "(Ada, Hopper)", self.device)
-            return False
-        if self.placement.wan_profile != "full":
-            # torchao quantizes on the GPU, and its float8 weights cannot be moved to CPU memory and back
-            # (`Couldn't swap Linear.weight`), which model and group offload do at every job.
-            log.warning("WAN_FP8 is ignored with the %s profile: float8 weights must stay on the GPU",
-                        self.placement.wan_profile)
-            return False
-        return True
 
     def load(self) -> float:
         """Load the pipeline and apply the speed switches; returns seconds spent (0.0 when already loaded)."""
@@ -552,8 +536,25 @@ def _step_cache(transformer: torch.nn.Module, job: VideoJob) -> Iterator[None]:
         transformer.disable_cache()
 
 
-def _fp8_capable(device: torch.device) -> bool:
+def fp8_capable(device: torch.device) -> bool:
+    """Float8 matmuls need a GPU of compute capability 8.9+ (Ada, Hopper)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _use_fp8(wanted: bool, device: torch.device, profile: str) -> bool:
+    """Whether WAN_FP8 applies: it needs float8 matmuls and weights that stay on the GPU; says why when not."""
+    if not wanted:
+        return False
+    if not fp8_capable(device):
+        log.warning("WAN_FP8 is ignored on %s: float8 matmuls need a GPU of compute capability 8.9+ "
+                    "(Ada, Hopper)", device)
+        return False
+    if profile != "full":
+        # torchao quantizes on the GPU, and its float8 weights cannot be moved to CPU memory and back
+        # (`Couldn't swap Linear.weight`), which model and group offload do at every job.
+        log.warning("WAN_FP8 is ignored with the %s profile: float8 weights must stay on the GPU", profile)
+        return False
+    return True
 
 
 def _quantize_fp8(transformer: torch.nn.Module) -> None:

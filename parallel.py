@@ -440,6 +440,7 @@ def _cpu_shims(device_type: str):
       without an accelerator (ZeroDivisionError): it counts one device while parallelism is enabled.
     - ulysses_anything gathers the last output with dist.all_gather over tensors of unequal lengths,
       which NCCL supports and gloo does not: on gloo the pieces are padded to one length and cut after.
+      This one stays in place after the context: it runs at every forward.
     On GPUs neither applies and diffusers runs unchanged.
     """
     if device_type != "cpu":

@@ -3,7 +3,7 @@
 
 A forward pass costs the same whatever the weights hold, so full-size random models (download_weights.py
 --random-full), loaded by the worker's own code, give honest seconds and memory. Each job runs through the
-worker in this process (handler.Worker(settings, ModelHandler(settings)).run(job), reading the result's own
+worker in this process (handler.Worker(settings, ModelHandler(settings)).handle(job), reading the result's own
 timings) and through the model cards' plain diffusers recipe (plain.py), so every figure has a worker/plain
 ratio. Worker settings come as environment variables: --set WAN_FP8=1 --set WAN_COMPILE=1 ...
 
@@ -22,6 +22,7 @@ run is the figure (the first pays for fusing the LoRA or for one-time CUDA set-u
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import datetime
 import gc
@@ -278,9 +279,9 @@ class Bench:
         models = ModelHandler(settings, gpu_memory_gib=self.args.gpu_gib)
         worker = handler.Worker(settings, models)
         out = self.results["worker"]
-        out["settings"] = settings.summary() if hasattr(settings, "summary") else repr(settings)
+        out["settings"] = settings.summary()
         start = time.perf_counter()
-        out["start_up"] = models.start_up()  # preloads and compile warm-ups, as at the worker's start
+        out["start_up"] = worker.start_up()  # preloads and compile warm-ups, as at the worker's start
         out["start_up_s"] = time.perf_counter() - start
 
         def job(name: str, model: Any, job_input: dict) -> dict:
@@ -290,7 +291,8 @@ class Bench:
             plain.reset_peak()
             start = time.perf_counter()
             try:
-                result = worker.run({"id": f"bench-{name}", "input": job_input})
+                # What RunPod calls: the async handler, which runs the job on the worker's job thread.
+                result = asyncio.run(worker.handle({"id": f"bench-{name}", "input": job_input}))
             finally:
                 if hasattr(model, "on_step"):
                     model.on_step = previous
