@@ -198,10 +198,12 @@ def quiet_third_party(settings: Settings) -> None:
     # Known-harmless notices: the CLIP image processor's PIL fallback without torchvision (the PIL one is what
     # the model card's preprocessing uses) and diffusers' note on torchao checkpoints (none are loaded here).
     harmless = ("requires torchvision", "Unable to import `torchao` Tensor objects")
+    handlers = list(logging.getLogger().handlers)  # transformers also propagates to these when CI=1 is set
     for library, name in ((diffusers.utils.logging, "diffusers"), (transformers.utils.logging, "transformers")):
         library.disable_progress_bar()  # per-file "Loading weights" bars: noise in a worker's log
-        for handler in library.get_logger(name).handlers:
-            handler.addFilter(lambda record: not any(text in record.getMessage() for text in harmless))
+        handlers += library.get_logger(name).handlers
+    for handler in handlers:
+        handler.addFilter(lambda record: not any(text in record.getMessage() for text in harmless))
     # Python 3.12 flags escape sequences in torchao's docstrings when it compiles them (no .pyc yet).
     warnings.filterwarnings("ignore", category=SyntaxWarning)
 

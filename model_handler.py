@@ -77,16 +77,40 @@ def plan_placement(gpu_total_gib: float, profile: str = "auto", fp8: bool = Fals
     return Placement(keep_both=keep_both, wan_profile=profile)
 
 
-def attention_backend(device: torch.device) -> str:
-    """diffusers' attention backend: FlashAttention 3 when installed on a GPU, else PyTorch's SDPA.
+def float8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attn_mask: torch.Tensor | None = None, scale: float | None = None, is_causal: bool = False,
+                     return_lse: bool = False, _parallel_config: Any = None) -> torch.Tensor:
+    """Attention with query, key and value rounded to float8 (e4m3) under one scale per batch and head.
 
-    On Hopper, SDPA measured faster than cuDNN attention and than the PyPI sageattention build.
+    Tensors are (batch, tokens, heads, head_dim), as diffusers dispatches them. On CUDA the kernel is
+    FlashAttention-3's float8 forward (fa3-fwd, Hopper); on CPU the same rounding is done in plain torch, so
+    the tests run this function's arithmetic and the worker's wiring of it.
     """
-    import importlib.util
+    if attn_mask is not None or is_causal or return_lse:
+        raise ValueError("float8 attention runs unmasked, non-causal self-attention only")
+    # Softmax ignores what all keys share (q . mean(k) is one constant per query row), and each output row
+    # is a weighted mean of v's rows: with both means taken out, float8 rounds only what varies.
+    key = key - key.mean(dim=1, keepdim=True)
+    v_mean = value.mean(dim=1, keepdim=True)
+    (q, q_scale), (k, k_scale), (v, v_scale) = (_to_float8(t) for t in (query, key, value - v_mean))
+    if q.device.type == "cuda":
+        import fa3_fwd_interface
 
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn_interface") is not None:
-        return "_flash_3"
-    return "native"
+        out = fa3_fwd_interface.flash_attn_func(q, k, v, softmax_scale=scale, q_descale=q_scale,
+                                                k_descale=k_scale, v_descale=v_scale)
+    else:  # FlashAttention-3's arithmetic: the probabilities exp(s - row max), in [0, 1], are float8 too
+        q, k, v = (x.float().mul(s[:, None, :, None]).transpose(1, 2)
+                   for x, s in ((q, q_scale), (k, k_scale), (v, v_scale)))
+        logits = q @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+        p = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+        out = ((p.to(torch.float8_e4m3fn).float() @ v) / p.sum(dim=-1, keepdim=True)).transpose(1, 2)
+    return (out.float() + v_mean).to(query.dtype)
+
+
+def _to_float8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t / scale in float8_e4m3fn, and the scale (batch, heads): each head's largest value maps to 448."""
+    scale = t.abs().amax(dim=(1, 3)).float().clamp(min=1e-6) / torch.finfo(torch.float8_e4m3fn).max
+    return (t.float() / scale[:, None, :, None]).to(torch.float8_e4m3fn), scale
 
 
 def make_scheduler(name: str, config: Any):
@@ -126,7 +150,6 @@ class _Model:
     def __init__(self, settings: Settings, device: torch.device) -> None:
         self.settings, self.device = settings, device
         self.loras: PipelineLoras | None = None
-        self.attention_backend = attention_backend(device)
         # Within a user job, code the warm-up did not compile runs eager rather than stalling for minutes
         # on a compile. Tests set "fail_on_recompile" to prove that a job ran compiled.
         self.stance = "eager_on_recompile"
@@ -190,7 +213,7 @@ class _Model:
             triton_version = "none"
         gpu = (torch.cuda.get_device_name(self.device) + str(torch.cuda.get_device_capability(self.device))
                if self.device.type == "cuda" else "cpu")
-        text = json.dumps([torch.__version__, triton_version, gpu, self.attention_backend, *parts], sort_keys=True,
+        text = json.dumps([torch.__version__, triton_version, gpu, *parts], sort_keys=True,
                           default=str)
         return f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
@@ -229,8 +252,6 @@ class SdxlModel(_Model):
                 use_safetensors=True, add_watermarker=False, local_files_only=True)
         for pipe in (base, refiner):
             pipe.set_progress_bar_config(disable=True)
-            if self.attention_backend != "native":  # native (SDPA) is diffusers' default already
-                pipe.unet.set_attention_backend(self.attention_backend)
             if self.compiled:
                 # Kernel launches dominate an eager SDXL step at 1024x1024; whole-UNet compilation with CUDA
                 # graphs removes them. In place, so pipe.unet stays the UNet (LoRA loading, config).
@@ -303,6 +324,7 @@ class WanModel(_Model):
         self.placement = placement
         self.compiled = settings.wan_compile
         self.fp8 = _use_fp8(settings.wan_fp8, device, placement.wan_profile)
+        self.fp8_attention = _use_fp8_attention(settings.wan_fp8_attention, device, settings.num_gpus)
         self.on_step: Callable[[], None] | None = None  # called at every step end (parallel.py's collective cancel)
 
     @property
@@ -348,8 +370,8 @@ class WanModel(_Model):
             pipe.image_encoder.to(self.device)
             pipe.enable_group_offload(onload_device=self.device, offload_type="block_level", num_blocks_per_group=1,
                                       use_stream=True, exclude_modules=["vae", "image_encoder"])
-        if self.attention_backend != "native":
-            pipe.transformer.set_attention_backend(self.attention_backend)
+        if self.fp8_attention:
+            _attend_in_float8(pipe.transformer)
         if self.compiled:
             # Regional compilation with dynamic shapes: one compile of the repeated block serves every
             # video size and frame count, so auto-sized requests of any aspect ratio run compiled.
@@ -358,8 +380,8 @@ class WanModel(_Model):
             torch.fx.experimental._config.use_duck_shape = False
         self.pipe = pipe
         seconds = time.perf_counter() - start
-        log.info("Wan2.1 I2V loaded on %s in %.1f s (profile %s, fp8 %s, compile %s, VAE %s)", self.device, seconds,
-                 profile, fp8, self.compiled, self.settings.wan_vae_dtype)
+        log.info("Wan2.1 I2V loaded on %s in %.1f s (profile %s, fp8 %s, fp8 attention %s, compile %s, VAE %s)",
+                 self.device, seconds, profile, fp8, self.fp8_attention, self.compiled, self.settings.wan_vae_dtype)
         return seconds
 
     def park(self) -> None:
@@ -380,7 +402,7 @@ class WanModel(_Model):
             self.pipe.to(self.device)
 
     def cache_key(self) -> str:
-        return self._key(self.pipe.transformer.config, self.fp8)
+        return self._key(self.pipe.transformer.config, self.fp8, self.fp8_attention)
 
     def _warm_up_job(self) -> None:
         # The default job (480x832, 81 frames) with 2 steps. The blocks compile with dynamic shapes, so every
@@ -555,6 +577,37 @@ def _use_fp8(wanted: bool, device: torch.device, profile: str) -> bool:
         log.warning("WAN_FP8 is ignored with the %s profile: float8 weights must stay on the GPU", profile)
         return False
     return True
+
+
+def _use_fp8_attention(wanted: bool, device: torch.device, num_gpus: int) -> bool:
+    """Whether WAN_FP8_ATTENTION applies: on CPU (emulated) or a Hopper GPU with fa3-fwd; says why when not."""
+    if not wanted:
+        return False
+    why = None
+    if num_gpus > 1:
+        why = "context parallelism (NUM_GPUS > 1) does not run it"
+    elif device.type == "cuda":
+        if torch.cuda.get_device_capability(device) != (9, 0):
+            why = "FlashAttention-3's float8 kernel needs a Hopper GPU (compute capability 9.0)"
+        else:
+            try:
+                import fa3_fwd_interface  # noqa: F401
+            except (ImportError, OSError) as err:  # OSError: a CUDA 12 image lacks the libcudart.so.13 it links
+                why = f"fa3-fwd does not load ({err})"
+    if why:
+        log.warning("WAN_FP8_ATTENTION is ignored on %s: %s", device, why)
+    return why is None
+
+
+def _attend_in_float8(transformer: torch.nn.Module) -> None:
+    """Each block's self-attention (32,760 tokens at 480x832x81, most of a step) in float8; cross-attention
+    over the 769 text and image tokens stays bf16. diffusers dispatches attention by backend name, and the
+    worker serves FlashAttention-3's name with its float8 function (it loads no other FA3)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    _AttentionBackendRegistry.register(AttentionBackendName._FLASH_3)(float8_attention)
+    for block in transformer.blocks:
+        block.attn1.processor._attention_backend = AttentionBackendName._FLASH_3
 
 
 def _quantize_fp8(transformer: torch.nn.Module) -> None:

@@ -279,16 +279,10 @@ class ParallelWan:
     def _enable_parallelism(self) -> None:
         import transformers  # noqa: F401 - diffusers' context-parallel hooks log with warning_once, which it adds
         from diffusers import ContextParallelConfig
-        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
         transformer = self._inner.pipe.transformer
         if transformer._parallel_config is not None:
             return  # a retry after another rank failed to enable it
-        backend = self._inner.attention_backend
-        if not _AttentionBackendRegistry._is_context_parallel_available(AttentionBackendName(backend)):
-            # diffusers 0.42.1 has no context-parallel path for a locally installed FlashAttention 3.
-            log.info("attention backend %s cannot run context parallel; the transformer uses native SDPA", backend)
-            transformer.set_attention_backend("native")
         # ulysses_anything: any token count and head count (diffusers' own CLI uses it): with plain Ulysses,
         # a video whose token count does not divide by the number of GPUs (624x624 -> 31,941 tokens) fails.
         config = ContextParallelConfig(ulysses_degree=self._group.world, ulysses_anything=True)

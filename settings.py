@@ -61,6 +61,7 @@ class Settings:
     # Speed and memory levers (README "Speed and memory"); each is switchable.
     memory_profile: str = "auto"  # auto | full | offload | lowvram
     wan_fp8: bool = False  # torchao float8 weights+activations for the transformer's block linears
+    wan_fp8_attention: bool = False  # the blocks' self-attention in float8 (FlashAttention-3, Hopper)
     wan_compile: bool = False  # regional torch.compile of the Wan transformer blocks, warmed up at start
     wan_vae_dtype: str = "float32"  # the model card's; bfloat16 halves the VAE's encode + decode time
     sdxl_compile: bool = False  # whole-UNet torch.compile with CUDA graphs, warmed up at start-up
@@ -260,6 +261,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         fetch_timeout_s=_float(env, "FETCH_TIMEOUT_S", Settings.fetch_timeout_s) or Settings.fetch_timeout_s,
         memory_profile=profile,
         wan_fp8=_flag(env, "WAN_FP8"),
+        wan_fp8_attention=_flag(env, "WAN_FP8_ATTENTION"),
         wan_compile=_flag(env, "WAN_COMPILE"),
         wan_vae_dtype=vae_dtype,
         sdxl_compile=_flag(env, "SDXL_COMPILE"),

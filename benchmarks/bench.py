@@ -10,7 +10,7 @@ ratio. Worker settings come as environment variables: --set WAN_FP8=1 --set WAN_
     python benchmarks/bench.py                              # quick: 2 video steps; GPU
     python benchmarks/bench.py --full --goals               # 40 video steps; also writes goals.json
     python benchmarks/bench.py --tiny --out /tmp/b          # CPU, tiny models, the same code (the tests)
-    python benchmarks/bench.py --goals --from OUT/bench-full.json --cold-start OUT/cold_start.json
+    python benchmarks/bench.py --goals --from OUT/bench-full.json --from OUT/bench-sdxl.json --cold-start OUT/cold.json
 
 Jobs (--only): video81 (480x832, 81 frames, auto-sized from an 832x480 image), video33 (33 frames),
 forward (one transformer forward on fixed inputs: the worker's levers' relative error against plain bf16),
@@ -444,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON (default benchmarks/results)")
     p.add_argument("--tag", help="results file name: OUT/bench-TAG.json (default: the mode)")
     p.add_argument("--goals", action="store_true", help="also write OUT/goals.json and print the goals table")
-    p.add_argument("--from", dest="from_json", type=Path, help="with --goals: use these results, run nothing")
+    p.add_argument("--from", dest="from_json", type=Path, action="append",
+                   help="with --goals: use these results (repeat to join runs of different jobs), run nothing")
     p.add_argument("--cold-start", type=Path, help="cold_start.py's JSON for goals.json (default OUT/cold_start.json)")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
@@ -453,7 +454,10 @@ def main(argv: list[str] | None = None) -> int:
     if any("=" not in item for item in args.set):
         p.error(f"--set takes KEY=VALUE, got {args.set}")
     if args.from_json:
-        results = json.loads(args.from_json.read_text())
+        runs = [json.loads(path.read_text()) for path in args.from_json]
+        results = {**runs[0], "command": " ; ".join(run["command"] for run in runs),
+                   "jobs": {job: rec for run in runs for job, rec in run["jobs"].items()},
+                   "errors": [err for run in runs for err in run["errors"]]}
     else:
         bench = Bench(args)
         bench.run()

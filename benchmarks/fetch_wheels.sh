@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Download the wheels the GPU machine lacks into .whl/ (git-ignored), to carry there with the benchmark.
+# Download the wheels the GPU machine lacks into .whl/ and .whl-ffmpeg/ (git-ignored), to carry there.
 #
 # The GPU image (Python 3.12, torch 2.11, transformers 5.17, huggingface_hub 1.33, accelerate,
 # safetensors, pillow, imageio, aiohttp, requests, tqdm, pyyaml, psutil, py-cpuinfo, click, colorama)
-# lacks diffusers, imageio-ffmpeg, ftfy, runpod and torchao (WAN_FP8), and the few packages `import runpod`
+# lacks diffusers, imageio-ffmpeg, ftfy, runpod, torchao (WAN_FP8) and fa3-fwd (WAN_FP8_ATTENTION), and the few packages `import runpod`
 # needs beyond it; peft comes too, pinned as the worker pins it (LoRAs). Run this here, where PyPI is
 # reachable:   bash benchmarks/fetch_wheels.sh
 # and on the GPU machine install them with:
@@ -23,7 +23,8 @@ PY_VERSION=${PY_VERSION:-3.12}
 IMAGEIO_FFMPEG=${IMAGEIO_FFMPEG:-0.7.0}
 packages=(
   diffusers==0.42.1
-  "imageio-ffmpeg==${IMAGEIO_FFMPEG}"
+  # WAN_FP8_ATTENTION's FlashAttention-3 float8 kernel (Hopper; links CUDA 13's runtime, as the GPU's torch)
+  fa3-fwd==0.0.3
   ftfy==6.3.1 wcwidth==0.9.4
   torchao==0.18.0 peft==0.21.2
   runpod==1.12.0
@@ -36,11 +37,17 @@ packages+=("${extra[@]}")
 # Not carried: boto3 (storage.py imports it only when a bucket is configured), fastapi/uvicorn (only for
 # --rp_serve_api), importlib_metadata (diffusers uses the standard library's on Python >= 3.8).
 
-rm -rf "$DEST"
-mkdir -p "$DEST"
-python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64 \
-  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 \
-  --platform any -d "$DEST" "${packages[@]}" 2> >(grep -v "^WARNING: Location" >&2)
-ls -1 "$DEST"
-du -cb "$DEST"/*.whl | tail -1 | awk '{printf "total: %.1f MB in %s\n", $1 / 1e6, "'"$DEST"'"}'
+download() {  # FOLDER PACKAGE...
+  rm -rf "$1"
+  mkdir -p "$1"
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64 \
+    --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux2010_x86_64 --platform any -d "$1" "${@:2}" 2> >(grep -v "^WARNING: Location" >&2)
+  ls -1 "$1"
+  du -cb "$1"/*.whl | tail -1 | awk '{printf "total: %.1f MB in %s\n", $1 / 1e6, "'"$1"'"}'
+}
+download "$DEST" "${packages[@]}"
+# imageio-ffmpeg travels in a second carry (gpu_session.sh installs it at its next poll): with fa3-fwd
+# beside it, one carry would pass 64 MiB.
+download "$DEST-ffmpeg" "imageio-ffmpeg==${IMAGEIO_FFMPEG}"

@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
 # The benchmark on the lent GPU machine, run in the background so that device calls only poll.
 #
-#   bash benchmarks/gpu_session.sh start STEP...   # install the carried wheels (.whl), then in the background
+#   bash benchmarks/gpu_session.sh start STEP...   # install the carried wheels (.whl, .whl-ffmpeg), then in the background
 #                                                  # (setsid): build the full-size random models, run each STEP
 #   bash benchmarks/gpu_session.sh poll            # RES -> $OUT/res.tgz; progress and the latest log lines
 #
 # Steps (each writes RES/<step>/: its JSON and log.txt; RES/progress.log says what started and ended):
-#   goals        bench.py --full (40 steps) with the speed switches: video81, forward, fast, image
+#   attention    attention.py: float8 attention against SDPA at 32,760 tokens (ms, error)
+#   goals        bench.py --full (40 steps) with the speed switches: video81, forward, fast
+#   goals-sdxl   the same for SDXL's default job (image); builds the SDXL models if missing
 #   quick        bench.py, default settings, 2 video steps, every job
 #   quick-speed  the same with the speed switches
 #   cold         cold_start.py: 2 shapes x default, speed-empty, speed-cached, plain
 #   cold-cached  cold_start.py at 480x832x81: default, speed-cached (the cache `goals` left), plain
 #   cold16       cold_start.py, 3 steps, 2 shapes x default, speed-empty, speed-cached (the cold-start table)
-#   report       goals.json from goals + cold (or cold-cached), into RES/
+#   report       goals.json from goals (+ goals-sdxl) + cold (or cold-cached), into RES/
 set -u
 cd "$(dirname "$0")/.."
 RES=${RES:-/tmp/res}
 MODELS=${MODELS:-/tmp/bench-models}
 CACHE=${CACHE:-/tmp/compile-cache}
-SPEED=(--set WAN_FP8=1 --set WAN_COMPILE=1 --set WAN_VAE_DTYPE=bfloat16 --set SDXL_COMPILE=1
+SPEED=(--set WAN_FP8=1 --set WAN_FP8_ATTENTION=1 --set WAN_COMPILE=1 --set WAN_VAE_DTYPE=bfloat16 --set SDXL_COMPILE=1
        --set "COMPILE_CACHE_DIR=$CACHE")
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 
@@ -27,7 +29,9 @@ run_step() {
   mkdir -p "$out"
   case $name in
     build) cmd=(download_weights.py --random-full "$MODELS" ${ONLY:+--only "$ONLY"}) ;;
-    goals) cmd=(benchmarks/bench.py --full --only video81,forward,fast,image "${SPEED[@]}" --models "$MODELS") ;;
+    attention) cmd=(benchmarks/attention.py --out "$out/attention.json") ;;
+    goals) cmd=(benchmarks/bench.py --full --only video81,forward,fast "${SPEED[@]}" --models "$MODELS") ;;
+    goals-sdxl) cmd=(benchmarks/bench.py --full --only image --tag sdxl "${SPEED[@]}" --models "$MODELS") ;;
     quick) cmd=(benchmarks/bench.py --models "$MODELS") ;;
     quick-speed) cmd=(benchmarks/bench.py "${SPEED[@]}" --models "$MODELS") ;;
     cold) cmd=(benchmarks/cold_start.py --models "$MODELS" --cache-dir "$CACHE") ;;
@@ -36,29 +40,39 @@ run_step() {
     cold16) cmd=(benchmarks/cold_start.py --models "$MODELS" --cache-dir "$CACHE" --steps 3
                  --shapes 832x480x81,1024x768x33 --configs default,speed-empty,speed-cached) ;;
     report) cmd=(benchmarks/bench.py --goals --from "$RES/goals/bench-full.json"
+                 $(ls "$RES"/goals-sdxl/bench-sdxl.json 2>/dev/null | sed 's/^/--from /')
                  --cold-start "$(ls "$RES"/cold*/cold_start.json 2>/dev/null | head -1)") ;;
     *) echo "unknown step $name" >> "$RES/progress.log"; return ;;
   esac
-  [[ $name == build ]] || cmd+=(--out "$([[ $name == report ]] && echo "$RES" || echo "$out")")
+  [[ $name == build || $name == attention ]] || cmd+=(--out "$([[ $name == report ]] && echo "$RES" || echo "$out")")
   echo "[$(date -u +%T)] start $name: ${cmd[*]}" >> "$RES/progress.log"
   python3 "${cmd[@]}" > "$out/log.txt" 2>&1
   echo "[$(date -u +%T)] end $name rc=$?" >> "$RES/progress.log"
 }
 
+# The wheels come in two carries (one call may carry 64 MiB): .whl at `start`, .whl-ffmpeg with the next poll.
+install() {
+  [[ -d $1 && ! -e /tmp/site/$1.done ]] || return 0
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$1"/*.whl \
+    && touch "/tmp/site/$1.done"
+}
+
 case ${1:-} in
   start)
     shift
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      .whl/*.whl || exit 1
+    install .whl && install .whl-ffmpeg || exit 1
     mkdir -p "$RES"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$RES/gpu.txt" 2>&1
-    (setsid nohup bash "$0" run build "$@" > "$RES/session.log" 2>&1 &)
-    echo "started: build $*; poll with: bash benchmarks/gpu_session.sh poll" ;;
+    steps=("$@")
+    [[ " $* " == *" build "* ]] || steps=(build "$@")  # build first unless placed (after a quick step, say)
+    (setsid nohup bash "$0" run "${steps[@]}" > "$RES/session.log" 2>&1 &)
+    echo "started: ${steps[*]}; poll with: bash benchmarks/gpu_session.sh poll" ;;
   run)
     shift
     for step in "$@"; do run_step "$step"; done
     echo "[$(date -u +%T)] all done" >> "$RES/progress.log" ;;
   poll)
+    install .whl-ffmpeg
     [[ -d $RES ]] || { echo "no $RES on this machine (a fresh one?): start again"; exit 1; }
     tar czf "${OUT:-/tmp}/res.tgz" -C "$(dirname "$RES")" "$(basename "$RES")"
     cat "$RES/progress.log"

@@ -1,6 +1,6 @@
-"""Speed switches that run on CPU: Wan's VAE in bf16, the x264 preset, SDXL whole-UNet compilation and
-Wan's dynamic-shape regional compilation with their start-up warm-ups, the compile cache, and the bf16
-compaction of downloaded Wan weights."""
+"""Speed switches that run on CPU: Wan's VAE in bf16, float8 self-attention (its arithmetic, emulated), the
+x264 preset, SDXL whole-UNet compilation and Wan's dynamic-shape regional compilation with their start-up
+warm-ups, the compile cache, and the bf16 compaction of downloaded Wan weights."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from media import probe_mp4
 from test_worker import IMAGE, VIDEO, pngs
 
 import download_weights
-from model_handler import CompileCache
+from model_handler import CompileCache, float8_attention
 from settings import SettingsError, load_settings
 
 
@@ -35,6 +35,72 @@ def test_wan_vae_in_bf16_gives_the_same_video_within_rounding(run_job, make_work
     rel = np.linalg.norm(frames - reference) / np.linalg.norm(reference)
     print(f"bf16 VAE: relative error {rel:.4f}, mean abs {np.abs(frames - reference).mean():.2f} levels")
     assert 0 < rel < 0.1
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact attention on (batch, tokens, heads, dim) tensors."""
+    out = torch.nn.functional.scaled_dot_product_attention(*(t.double().transpose(1, 2) for t in (q, k, v)))
+    return out.transpose(1, 2)
+
+
+def test_float8_attention_error_against_exact_attention():
+    """WAN_FP8_ATTENTION's arithmetic: float8 q, k, v and probabilities. On zero-mean noise (what random
+    weights give) the output is itself near zero and the error about 5%; keys and values with offsets
+    shared by all tokens, as trained models have, are centred before rounding and lose well under 1%."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1024, 4, 64, generator=g) for _ in range(3))
+    offset = 3 * torch.randn(1, 1, 4, 64, generator=g)  # one offset per channel, the same for every token
+
+    def error(k: torch.Tensor, v: torch.Tensor) -> float:
+        exact = _attention(q, k, v)
+        return ((float8_attention(q, k, v).double() - exact).norm() / exact.norm()).item()
+
+    noise, shifted = error(k, v), error(k + offset, v + offset)
+    print(f"float8 attention: relative error {noise:.4f} on noise, {shifted:.5f} with shared offsets")
+    assert 0.01 < noise < 0.08
+    assert 0 < shifted < 0.005
+    # Without centring, the offset would take the float8 range: the error grows past the noise case's.
+    from model_handler import _to_float8
+
+    (qq, qs), (kq, ks), (vq, vs) = (_to_float8(t) for t in (q, k + offset, v + offset))
+    naive = _attention(*(t.float() * s[:, None, :, None] for t, s in ((qq, qs), (kq, ks), (vq, vs))))
+    exact = _attention(q, k + offset, v + offset)
+    assert ((naive - exact).norm() / exact.norm()).item() > 2 * shifted
+
+
+def test_wan_float8_attention_changes_the_video_by_rounding_only(run_job, make_worker, tmp_path):
+    """WAN_FP8_ATTENTION=1 on the tiny model: the blocks' self-attention runs in float8 (cross-attention does
+    not), the video differs from the float32 one by rounding, and compiled it gives the eager frames."""
+    job = {**VIDEO, "image_url": png_b64(seed=5)}
+    reference = _frames(run_job(job)).astype(np.int16)
+    worker = make_worker({"WAN_FP8_ATTENTION": "1"}, new_models=True)
+    frames = _frames(worker.run({"id": "fp8-attention", "input": job})).astype(np.int16)
+    blocks = worker.models.wan.pipe.transformer.blocks
+    assert {b.attn1.processor._attention_backend for b in blocks} == {"_flash_3"}
+    assert {b.attn2.processor._attention_backend for b in blocks} == {None}
+    rel = np.linalg.norm(frames - reference) / np.linalg.norm(reference)
+    print(f"float8 attention, tiny model: relative error {rel:.4f}, mean abs {np.abs(frames - reference).mean():.2f}")
+    assert frames.shape == reference.shape == (9, 64, 96, 3)
+    assert 0 < rel < 0.1
+    torch._dynamo.reset()
+    compiled = make_worker({"WAN_FP8_ATTENTION": "1", "WAN_COMPILE": "1", "COMPILE_CACHE_DIR": "off"},
+                           new_models=True)
+    try:
+        compiled.models.start_up()
+        same = _frames(compiled.run({"id": "fp8-attention-compiled", "input": job})).astype(np.int16)
+    finally:
+        torch._dynamo.reset()
+    assert np.abs(same - frames).mean() < 1.0  # inductor's fused kernels may flip a float8 rounding here and there
+
+
+def test_float8_attention_is_ignored_with_one_line_where_it_cannot_run(caplog):
+    from model_handler import _use_fp8_attention
+
+    assert _use_fp8_attention(True, torch.device("cpu"), num_gpus=1)  # emulated on CPU: the tests run it
+    assert not _use_fp8_attention(True, torch.device("cpu"), num_gpus=2)
+    assert caplog.messages == ["WAN_FP8_ATTENTION is ignored on cpu: context parallelism (NUM_GPUS > 1) does not "
+                               "run it"]
+    assert not _use_fp8_attention(False, torch.device("cpu"), num_gpus=1)
 
 
 @pytest.mark.parametrize(("preset", "x264_refs"), [(None, b"ref=1 "), ("medium", b"ref=3 ")])
@@ -138,8 +204,10 @@ def test_the_compile_cache_key_changes_with_what_compiled_code_depends_on(tiny_m
     key = wan.cache_key()
     assert key == make_worker({"MP4_PRESET": "medium"}, new_models=True).models.model("video")[0].cache_key()
     assert key.startswith("wan-")
-    other = wan._key(dict(wan.pipe.transformer.config, num_layers=40), False)
-    assert other != key and other != wan._key(wan.pipe.transformer.config, True)
+    other = wan._key(dict(wan.pipe.transformer.config, num_layers=40), False, False)
+    assert key == wan._key(wan.pipe.transformer.config, False, False)
+    assert other != key and other != wan._key(wan.pipe.transformer.config, True, False)
+    assert key != wan._key(wan.pipe.transformer.config, False, True)  # WAN_FP8_ATTENTION
 
 
 def test_compaction_stores_wan_as_the_worker_loads_it(tiny_dir, tmp_path):

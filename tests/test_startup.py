@@ -48,10 +48,11 @@ def test_speed_switches_start_quietly_and_a_second_worker_reuses_the_compile_cac
 
 def test_every_start_up_switch_on_then_jobs_of_other_shapes(start_api):
     server = start_api({"WAN_COMPILE": "1", "SDXL_COMPILE": "1", "PRELOAD_MODELS": "sdxl,wan", "WAN_FP8": "1",
-                        "COMPILE_CACHE_DIR": "off"}, ready_timeout_s=600)
+                        "WAN_FP8_ATTENTION": "1", "COMPILE_CACHE_DIR": "off"}, ready_timeout_s=600)
     log = server.log()
     assert "sdxl warm-up took" in log and "wan warm-up took" in log, log[-3000:]
     assert "start-up of" not in log  # nothing failed
+    assert "fp8 attention True" in log  # float8 attention runs on CPU too (emulated), so it is tested compiled
     video = server.runsync({**VIDEO, "image_url": png_b64(), "height": 80, "width": 112, "num_frames": 5})["output"]
     assert (probe_mp4(decode_data_uri(video["video"], "video/mp4"))["frames"], video["width"]) == (5, 112)
     auto = server.runsync({**VIDEO, "image_url": png_b64(48, 64), "height": None, "width": None})["output"]
