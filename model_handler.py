@@ -600,9 +600,10 @@ def _use_fp8_attention(wanted: bool, device: torch.device, num_gpus: int) -> boo
 
 
 def _attend_in_float8(transformer: torch.nn.Module) -> None:
-    """Each block's self-attention (32,760 tokens at 480x832x81, most of a step) in float8; cross-attention
-    over the 769 text and image tokens stays bf16. diffusers dispatches attention by backend name, and the
-    worker serves FlashAttention-3's name with its float8 function (it loads no other FA3)."""
+    """Each block's self-attention (32,760 tokens at 480x832x81; quadratic in them, unlike the linears) in
+    float8; cross-attention over the 769 text and image tokens stays bf16. diffusers dispatches attention by
+    backend name, and the worker serves FlashAttention-3's name with its float8 function (it loads no other
+    FA3)."""
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
     _AttentionBackendRegistry.register(AttentionBackendName._FLASH_3)(float8_attention)
