@@ -93,15 +93,18 @@ def float8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     key = key - key.mean(dim=1, keepdim=True)
     v_mean = value.mean(dim=1, keepdim=True)
     (q, q_scale), (k, k_scale), (v, v_scale) = (_to_float8(t) for t in (query, key, value - v_mean))
+    scale = scale or q.shape[-1] ** -0.5
     if q.device.type == "cuda":
         import fa3_fwd_interface
 
-        out = fa3_fwd_interface.flash_attn_func(q, k, v, softmax_scale=scale, q_descale=q_scale,
-                                                k_descale=k_scale, v_descale=v_scale)
+        # The registered custom op itself (one node for torch.compile, with its fake kernel); the public
+        # flash_attn_func wraps it in an autograd.Function, which inference does not need.
+        out = fa3_fwd_interface._flash_attn_forward(q, k, v, q_descale=q_scale, k_descale=k_scale,
+                                                    v_descale=v_scale, softmax_scale=scale)[0]
     else:  # FlashAttention-3's arithmetic: the probabilities exp(s - row max), in [0, 1], are float8 too
         q, k, v = (x.float().mul(s[:, None, :, None]).transpose(1, 2)
                    for x, s in ((q, q_scale), (k, k_scale), (v, v_scale)))
-        logits = q @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+        logits = q @ k.transpose(-1, -2) * scale
         p = (logits - logits.amax(dim=-1, keepdim=True)).exp()
         out = ((p.to(torch.float8_e4m3fn).float() @ v) / p.sum(dim=-1, keepdim=True)).transpose(1, 2)
     return (out.float() + v_mean).to(query.dtype)
