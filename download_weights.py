@@ -4,7 +4,7 @@ Real weights (needs the Hugging Face hub):
     python download_weights.py                      # SDXL base + refiner + fp16-fix VAE, Wan2.1 I2V
     python download_weights.py --only wan --dir /runpod-volume/models
 Random-weight stand-ins of the same classes (offline), tiny for the demo and the tests, or full size
-(the real architectures, ~61 GB, built on a GPU in about a minute) for benchmarks/:
+(the real architectures, ~61 GB; built on the GPU when there is one) for benchmarks/:
     python download_weights.py --tiny models/tiny
     python download_weights.py --random-full /tmp/bench-models [--only wan]
 
@@ -243,7 +243,6 @@ RANDOM_MODELS: dict[str, dict] = {
                                       eps=1e-6, image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024)),
 }
 WAN_IMAGE_PROCESSOR = {"tiny": dict(crop_size=32, size=32), "full": dict(crop_size=224, size=224)}
-GROUP_FOLDERS = {"sdxl": ("sdxl-base", "sdxl-refiner", "sdxl-vae"), "wan": ("wan-i2v",)}
 
 
 def random_component(name: str, size: str, device: str = "cpu"):
@@ -357,7 +356,7 @@ def random_ready(out: Path, group: str, size: str) -> bool:
     try:
         return json.loads(marker.read_text()).get("size") == size and all(
             (out / folder / "model_index.json").exists() or (out / folder / "config.json").exists()
-            for folder in GROUP_FOLDERS[group])
+            for folder in GROUPS[group])
     except (OSError, ValueError):
         return False
 
@@ -365,7 +364,7 @@ def random_ready(out: Path, group: str, size: str) -> bool:
 def build_random(out: Path, size: str = "tiny", only: set[str] | None = None) -> dict[str, float]:
     """Write random-weight models ("tiny" or "full" size) of `only` groups (default both) into out/<folder>.
 
-    Full size builds on the GPU when there is one (about a minute; 60 GB written). Returns seconds per group.
+    Full size builds on the GPU when there is one (~61 GB written). Returns seconds per group.
     """
     import gc
 
@@ -379,7 +378,7 @@ def build_random(out: Path, size: str = "tiny", only: set[str] | None = None) ->
             continue
         start = time.perf_counter()
         (out / f".random-{group}.json").unlink(missing_ok=True)  # first: a half-written group is never "ready"
-        for folder in GROUP_FOLDERS[group]:
+        for folder in GROUPS[group]:
             shutil.rmtree(out / folder, ignore_errors=True)
         build(out, size, device)
         gc.collect()
@@ -400,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", metavar="DIR", type=Path, help="build tiny random models into DIR (offline)")
     parser.add_argument("--random-full", metavar="DIR", type=Path,
                         help="build full-size random-weight models into DIR (real architectures, for benchmarks; "
-                             "~60 GB, a GPU makes it take about a minute)")
+                             "~61 GB, built on the GPU when there is one)")
     parser.add_argument("--only", choices=sorted(GROUPS), help="fetch (or build) only SDXL or only Wan")
     parser.add_argument("--dir", type=Path, help="download into DIR/<model> instead of the HF cache")
     parser.add_argument("--compact", metavar="WAN_DIR", type=Path,

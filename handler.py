@@ -177,16 +177,12 @@ def local_handler(worker: Worker):
     return handle
 
 
-def quiet_third_party(settings: Settings) -> None:
+def quiet_third_party(uses_torchao: bool) -> None:
     """Keep third-party notices that read like failures out of the worker's log; the worker's own lines stay.
 
-    Called before diffusers or transformers is imported.
+    Called before diffusers or transformers is imported; `uses_torchao`: WAN_FP8 applies (WanModel.fp8).
     """
-    import torch
-
-    from model_handler import fp8_capable
-
-    if not (settings.wan_fp8 and torch.cuda.is_available() and fp8_capable(torch.device("cuda"))):
+    if not uses_torchao:
         # torchao serves WAN_FP8 only, yet transformers' and diffusers' quantizer registries import it
         # whenever it is installed, and it then reports its optional kernels as "Failed to load".
         sys.modules.setdefault("torchao", None)
@@ -208,29 +204,31 @@ def quiet_third_party(settings: Settings) -> None:
     warnings.filterwarnings("ignore", category=SyntaxWarning)
 
 
+def build_worker(settings: Settings) -> Worker:
+    """What a worker process builds at start: the models (nothing loads yet), quiet third-party logs and, with
+    NUM_GPUS above 1, one process per further GPU. Raises SettingsError for a setup that cannot run."""
+    models = ModelHandler(settings)
+    quiet_third_party(uses_torchao=models.wan.fp8)
+    if settings.num_gpus > 1:
+        import parallel
+
+        parallel.start(settings, models)
+    return Worker(settings, models)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = load_settings(os.environ)
-    except SettingsError as err:
+        log.info("worker settings: %s", settings.summary())
+        worker = build_worker(settings)
+    except SettingsError as err:  # parallel.ParallelError too
         log.error("%s", err)
         sys.exit(2)
-    quiet_third_party(settings)
     import runpod
     from runpod.serverless.modules.rp_logger import RunPodLogger
 
     RunPodLogger().set_level(settings.runpod_log_level)
-    log.info("worker settings: %s", settings.summary())
-    models = ModelHandler(settings)
-    if settings.num_gpus > 1:
-        import parallel
-
-        try:
-            parallel.start(settings, models)
-        except parallel.ParallelError as err:
-            log.error("%s", err)
-            sys.exit(2)
-    worker = Worker(settings, models)
     worker.start_up()
     local_test = "--rp_serve_api" not in sys.argv and not settings.on_runpod
     runpod.serverless.start({"handler": local_handler(worker) if local_test else worker.handle})

@@ -78,16 +78,17 @@ def plan_placement(gpu_total_gib: float, profile: str = "auto", fp8: bool = Fals
 
 
 def float8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attn_mask: torch.Tensor | None = None, scale: float | None = None, is_causal: bool = False,
-                     return_lse: bool = False, _parallel_config: Any = None) -> torch.Tensor:
+                     attn_mask: torch.Tensor | None = None, scale: float | None = None,
+                     is_causal: bool = False) -> torch.Tensor:
     """Attention with query, key and value rounded to float8 (e4m3) under one scale per batch and head.
 
     Tensors are (batch, tokens, heads, head_dim), as diffusers dispatches them. On CUDA the kernel is
     FlashAttention-3's float8 forward (fa3-fwd, Hopper); on CPU the same rounding is done in plain torch, so
     the tests run this function's arithmetic and the worker's wiring of it.
     """
-    if attn_mask is not None or is_causal or return_lse:
-        raise ValueError("float8 attention runs unmasked, non-causal self-attention only")
+    if attn_mask is not None or is_causal:
+        raise ValueError(f"WAN_FP8_ATTENTION runs unmasked, non-causal attention only, got attn_mask "
+                         f"{'set' if attn_mask is not None else 'None'} and is_causal={is_causal}")
     # Softmax ignores what all keys share (q . mean(k) is one constant per query row), and each output row
     # is a weighted mean of v's rows: with both means taken out, float8 rounds only what varies.
     key = key - key.mean(dim=1, keepdim=True)
@@ -112,8 +113,9 @@ def float8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 def _to_float8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """t / scale in float8_e4m3fn, and the scale (batch, heads): each head's largest value maps to 448."""
-    scale = t.abs().amax(dim=(1, 3)).float().clamp(min=1e-6) / torch.finfo(torch.float8_e4m3fn).max
-    return (t.float() / scale[:, None, :, None]).to(torch.float8_e4m3fn), scale
+    # The scale in t's dtype, so the division makes no float32 copy of t; the kernel gets that same scale.
+    scale = (t.abs().amax(dim=(1, 3)).float().clamp(min=1e-6) / torch.finfo(torch.float8_e4m3fn).max).to(t.dtype)
+    return (t / scale[:, None, :, None]).to(torch.float8_e4m3fn), scale.float()
 
 
 def make_scheduler(name: str, config: Any):
@@ -170,11 +172,14 @@ class _Model:
             return 0.0  # no LoRA ever loaded here: nothing to switch off
         start = time.perf_counter()
         self.loras = self.loras or make()
-        s = self.settings
-        cache = LoraCache(s.lora_cache_dir, s.lora_cache_bytes)
-        self.loras.apply(list(specs), lambda spec: cache.fetch(spec, max_bytes=s.lora_max_bytes,
-                                                               timeout_s=LORA_FETCH_TIMEOUT_S), fuse)
+        self.loras.apply(list(specs), self.fetch_lora, fuse)
         return time.perf_counter() - start
+
+    def fetch_lora(self, spec: LoraSpec) -> Path:
+        """The LoRA's file on disk, downloaded into the LoRA cache first when it is not there."""
+        s = self.settings
+        return LoraCache(s.lora_cache_dir, s.lora_cache_bytes).fetch(spec, max_bytes=s.lora_max_bytes,
+                                                                     timeout_s=LORA_FETCH_TIMEOUT_S)
 
     def warm_up(self) -> float:
         """Run one real, short job at the default shape so that compilation happens before any user job.
@@ -230,10 +235,6 @@ class SdxlModel(_Model):
         super().__init__(settings, device)
         self.base = self.refiner = None
         self.compiled = settings.sdxl_compile
-
-    @property
-    def loaded(self) -> bool:
-        return self.base is not None
 
     def load(self) -> float:
         """Load base + refiner onto the device; returns seconds spent (0.0 when already loaded)."""
@@ -330,10 +331,6 @@ class WanModel(_Model):
         self.fp8_attention = _use_fp8_attention(settings.wan_fp8_attention, device, settings.num_gpus)
         self.on_step: Callable[[], None] | None = None  # called at every step end (parallel.py's collective cancel)
 
-    @property
-    def loaded(self) -> bool:
-        return self.pipe is not None
-
     def load(self) -> float:
         """Load the pipeline and apply the speed switches; returns seconds spent (0.0 when already loaded)."""
         if self.pipe is not None:
@@ -345,9 +342,8 @@ class WanModel(_Model):
         model_id, low, fp8 = self.settings.wan_model_id, self._dtype(torch.bfloat16), self.fp8
         profile = self.placement.wan_profile
         # Resident weights load straight into GPU memory instead of through a CPU copy; the transformer
-        # comes first and is quantized there at once, so float8 loads at disk speed too.
-        on_gpu = self.device.type == "cuda" and (profile == "full" or fp8)
-        where = {"device_map": str(self.device)} if on_gpu else {}
+        # comes first and is quantized there at once (float8 implies "full"), so float8 loads at disk speed too.
+        where = {"device_map": str(self.device)} if self.device.type == "cuda" and profile == "full" else {}
         with _missing_weights("WAN_MODEL_ID", model_id, "wan"):
             transformer = WanTransformer3DModel.from_pretrained(model_id, subfolder="transformer", dtype=low,
                                                                 local_files_only=True, **where)
@@ -358,7 +354,6 @@ class WanModel(_Model):
             components = {"image_encoder": (CLIPVisionModel, torch.float32),
                           "vae": (AutoencoderKLWan, getattr(torch, self.settings.wan_vae_dtype)),
                           "text_encoder": (UMT5EncoderModel, low)}
-            where = {"device_map": str(self.device)} if self.device.type == "cuda" and profile == "full" else {}
             loaded = {name: cls.from_pretrained(model_id, subfolder=name, dtype=dtype, local_files_only=True, **where)
                       for name, (cls, dtype) in components.items()}
             pipe = WanImageToVideoPipeline.from_pretrained(model_id, dtype=low, local_files_only=True,
@@ -442,7 +437,6 @@ class WanModel(_Model):
         timings = {"inference_s": time.perf_counter() - start}
         return frames, timings | ({"lora_s": lora_s} if job.loras else {})
 
-
     @contextmanager
     def _offloaded_on_failure(self) -> Iterator[None]:
         """A cancelled or failed job leaves the model CPU offload as a finished one does (diffusers offloads
@@ -485,8 +479,8 @@ class ModelHandler:
         a worker that exits at boot is restarted by RunPod in a loop, and billed for it.
         """
         seconds: dict[str, float] = {}
-        for name, mode in (("sdxl", "image"), ("wan", "video")):
-            model = self.sdxl if mode == "image" else self.wan
+        for mode, model in (("image", self.sdxl), ("video", self.wan)):
+            name = model.name
             if name not in self.settings.preload and not model.compiled:
                 continue
             try:
@@ -609,9 +603,10 @@ def _attend_in_float8(transformer: torch.nn.Module) -> None:
     FA3)."""
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
+    # Process-wide: anything else set to "_flash_3" would get float8 too, and nothing else here is.
     _AttentionBackendRegistry.register(AttentionBackendName._FLASH_3)(float8_attention)
     for block in transformer.blocks:
-        block.attn1.processor._attention_backend = AttentionBackendName._FLASH_3
+        block.attn1.set_attention_backend(AttentionBackendName._FLASH_3.value)
 
 
 def _quantize_fp8(transformer: torch.nn.Module) -> None:

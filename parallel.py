@@ -44,6 +44,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from settings import SettingsError
+
 log = logging.getLogger("worker")
 ROOT = Path(__file__).resolve().parent
 # How long a rank waits at a job's exchange for the others. They arrive within seconds of each other
@@ -60,7 +62,7 @@ _READY, _STEP, _DONE = 1, 2, 3  # where in a job an exchange happens
 _OK, _CANCELLED, _FAILED, _INTERNAL, _PEER = 0, 1, 2, 3, 4  # a rank's status
 
 
-class ParallelError(RuntimeError):
+class ParallelError(SettingsError):
     """NUM_GPUS asks for something this machine or configuration cannot do; str(err) is one sentence."""
 
 
@@ -94,6 +96,10 @@ def start(settings: Any, models: Any) -> None:
     Call it from the main thread (followers die when the thread that started them exits).
     """
     world, device_type = settings.num_gpus, check(settings)
+    if models.wan.fp8 and not models.placement.keep_both:
+        # Float8 Wan is unloaded for image jobs, and enabling context parallelism again is collective.
+        raise ParallelError(f"NUM_GPUS={world} with WAN_FP8=1 needs GPUs that hold Wan and SDXL together "
+                            f"(80 GB); unset WAN_FP8 or give the endpoint larger GPUs.")
     if models.wan.placement.wan_profile != "full":
         log.warning("Wan runs with the %s profile on each GPU: context parallelism with offloading has not been "
                     "tested", models.wan.placement.wan_profile)
@@ -128,11 +134,10 @@ def follower_main() -> None:
     dist.broadcast_object_list(box, src=0, group=group.jobs)
     settings = box[0]
     from handler import quiet_third_party
-
-    quiet_third_party(settings)
     from model_handler import ModelHandler
 
     models = ModelHandler(settings, device=f"cuda:{rank}" if device_type == "cuda" else "cpu")
+    quiet_third_party(uses_torchao=models.wan.fp8)
     wan = ParallelWan(models.wan, group, models=models)
     while True:
         dist.broadcast_object_list(box, src=0, group=group.jobs)
@@ -163,7 +168,7 @@ def _join(rank: int, world: int, port: int, device_type: str) -> _Group:
 
 
 class ParallelWan:
-    """WanModel's interface (load, warm_up, generate) on every rank at once; on rank 0 it stands in for WanModel.
+    """WanModel's interface (load, generate) on every rank at once; on rank 0 it stands in for WanModel.
 
     Attributes it does not define (placement, compiled, park, resident, pipe, ...) are rank 0's WanModel's.
     """
@@ -190,16 +195,9 @@ class ParallelWan:
         self._load_everywhere()
         return time.perf_counter() - start
 
-    def warm_up(self) -> float:
-        self.load()
-        start = time.perf_counter()
-        self._send(("warm_up",))
-        self._together(self._inner.warm_up, transformer_runs=True)
-        return time.perf_counter() - start
-
     def generate(self, job: Any, image: Any, progress: Callable[[str, int, int], None] | None = None,
                  cancelled: Callable[[], bool] | None = None) -> tuple[Any, dict[str, float]]:
-        load_s = self.load()
+        self.load()  # loaded already when ModelHandler.model handed this model out
         fetch_s = self._fetch_loras(job)  # once here, so that the other ranks find the files on disk
         buf = io.BytesIO()
         image.save(buf, format="PNG")  # lossless: every rank starts from the same pixels
@@ -209,8 +207,6 @@ class ParallelWan:
             frames, timings = self._together(lambda: self._generate(job, image, progress), transformer_runs=True)
         finally:
             self._cancel = None
-        if load_s:  # only when not loaded through ModelHandler.model, whose load seconds the handler reports
-            timings["load_s"] = load_s
         if fetch_s:
             timings["lora_s"] = timings.get("lora_s", 0.0) + fetch_s
         return frames, timings
@@ -232,17 +228,13 @@ class ParallelWan:
         dist.broadcast_object_list([message], src=0, group=self._group.jobs)
 
     def _fetch_loras(self, job: Any) -> float:
-        from loras import LoraCache
-        from model_handler import LORA_FETCH_TIMEOUT_S
-
         loaded = self._inner.loras.loaded if self._inner.loras else {}
         specs = [spec for spec in job.loras if spec.kind != "local" and spec.adapter_name not in loaded]
         if not specs:
             return 0.0
-        start, s = time.perf_counter(), self.settings
-        cache = LoraCache(s.lora_cache_dir, s.lora_cache_bytes)
+        start = time.perf_counter()
         for spec in specs:
-            cache.fetch(spec, max_bytes=s.lora_max_bytes, timeout_s=LORA_FETCH_TIMEOUT_S)
+            self._inner.fetch_lora(spec)
         return time.perf_counter() - start
 
     # ------------------------------------------------------------- followers
@@ -253,8 +245,6 @@ class ParallelWan:
         kind = message[0]
         if kind == "load":
             self._load_everywhere()
-        elif kind == "warm_up":
-            self._together(self._inner.warm_up, transformer_runs=True)
         elif kind == "generate":
             _, job, png = message
             image = Image.open(io.BytesIO(png))
@@ -314,6 +304,7 @@ class ParallelWan:
                   timeout: float = STEP_TIMEOUT_S) -> Any:
         """Run `work` on this rank, exchange every rank's status, and on rank 0 return or raise for them all."""
         from model_handler import GenerationError, JobCancelled
+        from schemas import InputError
 
         self._ready_pending, self._cancel_now = transformer_runs, False
         result, error, code, text = None, None, _OK, ""
@@ -323,17 +314,12 @@ class ParallelWan:
             error, code = err, _CANCELLED
         except _PeerFailed as err:
             error, code = err, _PEER
-        except GenerationError as err:
+        except (GenerationError, InputError) as err:
             error, code, text = err, _FAILED, str(err)
         except Exception as err:  # noqa: BLE001 - reported to rank 0, which answers the job with it
-            from schemas import InputError
-
-            if isinstance(err, InputError):
-                error, code, text = err, _FAILED, str(err)
-            else:
-                log.exception("rank %d: the job failed", self._group.rank)
-                detail = str(err).splitlines()[0][:200] if str(err) else ""
-                error, code, text = err, _INTERNAL, f"{type(err).__name__}: {detail}"
+            log.exception("rank %d: the job failed", self._group.rank)
+            detail = str(err).splitlines()[0][:200] if str(err) else ""
+            error, code, text = err, _INTERNAL, f"{type(err).__name__}: {detail}"
         if self._ready_pending:  # failed before the transformer: the others wait for this rank's word there
             self._ready_pending = False
             self._exchange(_READY, code, text, timeout)

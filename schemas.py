@@ -432,7 +432,7 @@ def validate_input(raw: Any, settings: Settings | None = None) -> Job:
     """Check a job's input against the schema and this worker's settings; returns the typed job.
 
     The order: the input's shape, then each field's type and bounds, then the preset, then the
-    rules between fields, then the worker's limits and configuration, then the LoRAs. Raises
+    bucket for output 's3', the rules between fields with the worker's limits, then the LoRAs. Raises
     InputError with one sentence on the first problem found.
     """
     settings = settings or Settings()
@@ -485,14 +485,11 @@ def _check_image(job: ImageJob, settings: Settings, with_loras: bool) -> None:
                              f"{job.refiner_inference_steps} leaves no refiner step; raise either so that their "
                              f"product is at least 1.")
     else:
+        # The refiner always keeps a step: high_noise_frac < 1 leaves it at least one.
         if job.base_steps < 1:
             raise InputError(f"Field 'high_noise_frac' is {_num(job.high_noise_frac)}, which with "
                              f"num_inference_steps={job.num_inference_steps} leaves the base model no step; "
                              f"raise either so that their product is at least 1.")
-        if job.refiner_steps < 1:
-            raise InputError(f"Field 'high_noise_frac' is {_num(job.high_noise_frac)}, which with "
-                             f"refiner_inference_steps={job.refiner_inference_steps} leaves the refiner no step; "
-                             f"lower it or raise refiner_inference_steps.")
     _check_pixels(job, settings)
 
 
@@ -553,7 +550,10 @@ def _check_derived_size(image_size: tuple[int, int], size: tuple[int, int], side
 def size_image_job(job: ImageJob, image_size: tuple[int, int]) -> ImageJob:
     """img2img keeps the input's aspect ratio at the requested pixel count (multiples of 8 for the VAE)."""
     size = fit_area(*image_size, job.width * job.height, 8)
-    _check_derived_size(image_size, size, IMAGE_SIDES, "send a less elongated image")
+    advice = "send a less elongated image"
+    if IMAGE_SIDES[0] * max(image_size) <= IMAGE_SIDES[1] * min(image_size):  # another pixel count would fit it
+        advice += f" or a {'smaller' if max(size) > IMAGE_SIDES[1] else 'larger'} height x width"
+    _check_derived_size(image_size, size, IMAGE_SIDES, advice)
     return replace(job, width=size[0], height=size[1])
 
 

@@ -79,15 +79,16 @@ class Settings:
     lora_cache_bytes: int = 20 * 1024**3
     lora_max_bytes: int = 4 * 1024**3  # largest single LoRA download
     lora_fuse: bool = False  # fuse LoRAs into the denoiser's weights (originals kept in CPU memory)
-    lora_roots: tuple[str, ...] = ()  # folders a local LoRA path may point into
-    wan_fast_lora: str | None = None  # the step-distilled LoRA of the video preset "fast"
-
+    lora_roots: tuple[str, ...] = field(default=(), repr=False)  # folders a local LoRA path may point into
+    # The step-distilled LoRA of the video preset "fast"; not logged, as its URL may carry a signed query.
+    wan_fast_lora: str | None = field(default=None, repr=False)
 
     def summary(self) -> str:
-        """The settings that differ from the defaults, as one short line for the start-up log."""
+        """The settings that differ from the defaults, as one short line for the start-up log (fields kept
+        out of the repr are kept out of it too)."""
         default = Settings()
         changed = {f.name: getattr(self, f.name) for f in fields(self)
-                   if getattr(self, f.name) != getattr(default, f.name) and f.name != "lora_roots"}
+                   if f.repr and getattr(self, f.name) != getattr(default, f.name)}
         return ", ".join(f"{name}={value!r}" for name, value in changed.items()) or "all defaults"
 
 
@@ -247,6 +248,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     mp4_preset = env.get("MP4_PRESET", "").strip() or Settings.mp4_preset
     if mp4_preset not in X264_PRESETS:
         raise SettingsError(f"MP4_PRESET must be one of {', '.join(X264_PRESETS)}, got {mp4_preset!r}.")
+    # RUNPOD_DEBUG_LEVEL is runpod's own name for its level: honoured unless RUNPOD_LOG_LEVEL is set.
+    log_level_var = "RUNPOD_LOG_LEVEL" if env.get("RUNPOD_LOG_LEVEL", "").strip() else "RUNPOD_DEBUG_LEVEL"
     return Settings(
         sdxl_model_id=_model_location(env, "SDXL_MODEL_ID", "sdxl-base", DEFAULT_SDXL_MODEL_ID),
         sdxl_refiner_id=_model_location(env, "SDXL_REFINER_ID", "sdxl-refiner", DEFAULT_SDXL_REFINER_ID),
@@ -267,7 +270,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         sdxl_compile=_flag(env, "SDXL_COMPILE"),
         compile_cache_dir=_compile_cache_dir(env),
         num_gpus=_int(env, "NUM_GPUS", 1),
-        runpod_log_level=_choice(env, "RUNPOD_LOG_LEVEL", RUNPOD_LOG_LEVELS, "INFO"),
+        runpod_log_level=_choice(env, log_level_var, RUNPOD_LOG_LEVELS, "INFO"),
         on_runpod=bool(env.get("RUNPOD_WEBHOOK_GET_JOB")),
         local_output_dir=env.get("LOCAL_OUTPUT_DIR") or "outputs",
         mp4_preset=mp4_preset,

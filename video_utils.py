@@ -28,7 +28,6 @@ INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 FORMAT_WORDS = "PNG, JPEG, WebP, GIF, BMP or TIFF image"
 MAX_URL_CHARS = 16_384  # pre-signed S3 URLs are 1-2k characters; anything longer is not an address
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
-_CHUNK = 64 * 1024
 # Something a user meant as a file path ("/etc/passwd", "./cat.png", "~/a.jpg", "C:\\x.png").
 _PATH = re.compile(r"^(~|\.{1,2}|[A-Za-z]:)?[/\\][\w.\-/\\ ]*$")
 _WHITESPACE = re.compile(r"\s+")
@@ -124,14 +123,8 @@ def decode_image(data: bytes, field: str, *, max_pixels: int) -> Image.Image:
 
 
 def cover(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale `image` to fill width x height and center-crop the overflow: never stretched.
-
-    Hosted Wan APIs do the same when the requested size has another aspect ratio than the input.
-    """
-    scale = max(width / image.width, height / image.height)
-    scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
-    return image.resize(scaled, Image.Resampling.BICUBIC).crop((left, top, left + width, top + height))
+    """Scale `image` to fill width x height and center-crop the overflow: never stretched."""
+    return ImageOps.fit(image, (width, height), Image.Resampling.BICUBIC)
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -14,11 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
+from bench import meta  # also puts the worker's modules on the path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import meta  # noqa: E402
-
-from model_handler import float8_attention  # noqa: E402
+from model_handler import float8_attention
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

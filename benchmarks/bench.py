@@ -47,7 +47,7 @@ VIDEO_PROMPT = "A red fox trots across a snowy meadow at sunrise, soft light, th
 IMAGE_PROMPT = "A lighthouse on a rocky coast at dusk, dramatic clouds, highly detailed photograph"
 JOBS = ("video81", "video33", "forward", "fast", "image")
 WAN_JOBS = ("video81", "video33", "forward", "fast")
-# Goals of issues 12 and 16 (one H100 or H200), in seconds.
+# The worker's speed and cold-start goals on one H100 or H200, in seconds.
 GOALS = {"quality_e2e_s": 150.0, "quality_s_per_step": 3.6, "fast_e2e_s": 10.0, "sdxl_default_job_s": 1.8,
          "cold_start_default_s": 45.0, "cold_start_cached_s": 60.0}
 DEFAULT_MODELS = Path("/tmp/bench-models")
@@ -381,7 +381,7 @@ class Bench:
 
 
 def goals(bench: dict, cold: dict | None) -> dict:
-    """issue 12's goals.json: each figure as {"worker": x, "plain": y}; cold starts from cold_start.py's JSON."""
+    """goals.json: each goal's figure as {"worker": x, "plain": y}; cold starts from cold_start.py's JSON."""
     jobs = bench.get("jobs", {})
 
     def pair(job: str, key: str) -> dict:

@@ -31,10 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import DEFAULT_MODELS, RESULTS, ROOT, meta, video_input  # noqa: E402
+from bench import DEFAULT_MODELS, RESULTS, ROOT, meta, video_input, worker_env
 
-SPEED = {"WAN_FP8": "1", "WAN_COMPILE": "1", "WAN_VAE_DTYPE": "bfloat16"}
+import download_weights
+
+# gpu_session.sh's speed switches (its SPEED), so that "speed-cached" finds the cache `goals` wrote.
+SPEED = {"WAN_FP8": "1", "WAN_FP8_ATTENTION": "1", "WAN_COMPILE": "1", "WAN_VAE_DTYPE": "bfloat16"}
 CONFIGS = ("default", "speed-empty", "speed-cached", "plain")
 
 
@@ -66,10 +68,8 @@ def files(*folders: Path) -> list[Path]:
     return [p for folder in folders if folder.exists() for p in folder.rglob("*") if p.is_file()]
 
 
-def worker_result(folder: Path, log: str) -> dict:
-    """The job's result: result.json beside the media if the worker writes one, else runpod's log line."""
-    if (folder / "result.json").exists():
-        return json.loads((folder / "result.json").read_text())
+def worker_result(log: str) -> dict:
+    """The job's result, from runpod's "Job result:" log line."""
     line = next((line for line in reversed(log.splitlines()) if "Job result:" in line), None)
     if line is None:
         return {}
@@ -78,8 +78,6 @@ def worker_result(folder: Path, log: str) -> dict:
 
 
 def run(config: str, shape: str, args: argparse.Namespace, scratch: Path) -> dict:
-    from bench import worker_env
-
     width, height, frames = (int(v) for v in shape.split("x"))
     job_id = f"cold-{config}-{shape}"
     size = (width, height) if args.tiny else None  # tiny: no auto-sizing up to 480x832
@@ -124,7 +122,7 @@ def run(config: str, shape: str, args: argparse.Namespace, scratch: Path) -> dic
         mp4 = next((scratch / job_id).glob("*.mp4"), None)
         if mp4 is not None:
             rec["start_to_result_s"] = mp4.stat().st_mtime - start
-        result = worker_result(scratch / job_id, text)
+        result = worker_result(text)
         timings = result.get("timings", {})
         rec.update(timings=timings, width=result.get("width"), height=result.get("height"))
         # The steady step: the time between the worker's logged step ends (the first step may still compile).
@@ -177,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out = Path(tempfile.gettempdir()) / "bench-tiny"
     if unknown := set(args.configs.split(",")) - set(CONFIGS):
         p.error(f"--configs takes {', '.join(CONFIGS)}; got {', '.join(sorted(unknown))}")
-    if not (args.models / ".random-wan.json").exists() and not (args.models / "wan-i2v").exists():
+    if not download_weights.random_ready(args.models, "wan", "tiny" if args.tiny else "full"):
         # Random-weight models (in a child process: this one never holds the GPU while the starts are timed).
         subprocess.run([sys.executable, "download_weights.py", "--tiny" if args.tiny else "--random-full",
                         str(args.models), "--only", "wan"], cwd=ROOT, check=True)

@@ -3,9 +3,9 @@
 #
 # The GPU image (Python 3.12, torch 2.11, transformers 5.17, huggingface_hub 1.33, accelerate,
 # safetensors, pillow, imageio, aiohttp, requests, tqdm, pyyaml, psutil, py-cpuinfo, click, colorama)
-# lacks diffusers, imageio-ffmpeg, ftfy, runpod, torchao (WAN_FP8) and fa3-fwd (WAN_FP8_ATTENTION), and the few packages `import runpod`
-# needs beyond it; peft comes too, pinned as the worker pins it (LoRAs). Run this here, where PyPI is
-# reachable:   bash benchmarks/fetch_wheels.sh
+# lacks diffusers, imageio-ffmpeg, ftfy, runpod, torchao (WAN_FP8) and fa3-fwd (WAN_FP8_ATTENTION), and the few
+# packages `import runpod` needs beyond it; peft comes too, pinned as the worker pins it (LoRAs). Run this here,
+# where PyPI is reachable:   bash benchmarks/fetch_wheels.sh
 # and on the GPU machine install them with:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 #   export PYTHONPATH=/tmp/site:$PWD

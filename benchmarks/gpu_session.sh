@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark on the lent GPU machine, run in the background so that device calls only poll.
 #
-#   bash benchmarks/gpu_session.sh start STEP...   # install the carried wheels (.whl, .whl-ffmpeg), then in the background
-#                                                  # (setsid): build the full-size random models, run each STEP
+#   bash benchmarks/gpu_session.sh start STEP...   # install the carried wheels, then in the background (setsid):
+#                                                  # build the full-size random models, run each STEP
 #   bash benchmarks/gpu_session.sh poll            # RES -> $OUT/res.tgz; progress and the latest log lines
 #
 # Steps (each writes RES/<step>/: its JSON and log.txt; RES/progress.log says what started and ended):
@@ -16,7 +16,8 @@
 #   cold16       cold_start.py, 3 steps, 2 shapes x default, speed-empty, speed-cached (the cold-start table)
 #   report       goals.json from goals (+ goals-sdxl) + cold (or cold-cached), into RES/
 set -u
-cd "$(dirname "$0")/.."
+SELF=$(realpath "$0")
+cd "$(dirname "$SELF")/.."
 RES=${RES:-/tmp/res}
 MODELS=${MODELS:-/tmp/bench-models}
 CACHE=${CACHE:-/tmp/compile-cache}
@@ -39,15 +40,22 @@ run_step() {
                       --configs default,speed-cached,plain) ;;
     cold16) cmd=(benchmarks/cold_start.py --models "$MODELS" --cache-dir "$CACHE" --steps 3
                  --shapes 832x480x81,1024x768x33 --configs default,speed-empty,speed-cached) ;;
-    report) cmd=(benchmarks/bench.py --goals --from "$RES/goals/bench-full.json"
-                 $(ls "$RES"/goals-sdxl/bench-sdxl.json 2>/dev/null | sed 's/^/--from /')
-                 --cold-start "$(ls "$RES"/cold*/cold_start.json 2>/dev/null | head -1)") ;;
+    report)
+      cmd=(benchmarks/bench.py --goals)
+      for f in "$RES/goals/bench-full.json" "$RES/goals-sdxl/bench-sdxl.json"; do
+        [[ -f $f ]] && cmd+=(--from "$f")
+      done
+      [[ ${#cmd[@]} -gt 2 ]] || { echo "report: no goals results in $RES" >> "$RES/progress.log"; return; }
+      for f in "$RES/cold-cached/cold_start.json" "$RES/cold/cold_start.json"; do  # not cold16: no plain run
+        [[ -f $f ]] && { cmd+=(--cold-start "$f"); break; }
+      done ;;
     *) echo "unknown step $name" >> "$RES/progress.log"; return ;;
   esac
   [[ $name == build || $name == attention ]] || cmd+=(--out "$([[ $name == report ]] && echo "$RES" || echo "$out")")
   echo "[$(date -u +%T)] start $name: ${cmd[*]}" >> "$RES/progress.log"
   python3 "${cmd[@]}" > "$out/log.txt" 2>&1
-  echo "[$(date -u +%T)] end $name rc=$?" >> "$RES/progress.log"
+  local rc=$?
+  echo "[$(date -u +%T)] end $name rc=$rc" >> "$RES/progress.log"
 }
 
 # The wheels come in two carries (one call may carry 64 MiB): .whl at `start`, .whl-ffmpeg with the next poll.
@@ -65,7 +73,7 @@ case ${1:-} in
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$RES/gpu.txt" 2>&1
     steps=("$@")
     [[ " $* " == *" build "* ]] || steps=(build "$@")  # build first unless placed (after a quick step, say)
-    (setsid nohup bash "$0" run "${steps[@]}" > "$RES/session.log" 2>&1 &)
+    (setsid nohup bash "$SELF" run "${steps[@]}" > "$RES/session.log" 2>&1 &)
     echo "started: ${steps[*]}; poll with: bash benchmarks/gpu_session.sh poll" ;;
   run)
     shift
@@ -78,6 +86,6 @@ case ${1:-} in
     cat "$RES/progress.log"
     nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
     latest=$(ls -t "$RES"/*/log.txt 2>/dev/null | head -1)
-    [[ -n $latest ]] && { echo "--- $latest"; tail -n 8 "$latest" | cut -c1-400; } ;;
-  *) sed -n 2,14p "$0"; exit 2 ;;
+    if [[ -n $latest ]]; then echo "--- $latest"; tail -n 8 "$latest" | cut -c1-400; fi ;;
+  *) sed -n 2,17p "$SELF"; exit 2 ;;
 esac

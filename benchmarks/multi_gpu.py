@@ -27,33 +27,27 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+from bench import DEFAULT_MODELS, RESULTS, SEED, VIDEO_PROMPT, data_uri, input_image, meta
 
 
 def measure(gpus: int, steps: int, models: Path, tiny: bool, overrides: dict[str, str]) -> dict:
     """In a fresh process: the worker with NUM_GPUS=gpus, one warm-up job, then the timed job."""
-    from handler import Worker, quiet_third_party
-    from model_handler import ModelHandler
+    import plain
+
+    from handler import build_worker
     from settings import load_settings
 
     env = {"WAN_MODEL_ID": str(models / "wan-i2v"), "SDXL_MODEL_ID": str(models / "sdxl-base"),
            **overrides, "NUM_GPUS": str(gpus)}
-    settings = load_settings(env)
-    quiet_third_party(settings)
-    models_ = ModelHandler(settings)
-    if gpus > 1:
-        import parallel
-
-        parallel.start(settings, models_)
-    worker = Worker(settings, models_)
+    worker = build_worker(load_settings(env))  # as handler.main builds it: ranks started for NUM_GPUS > 1
     shape = {"num_frames": 5, "height": 64, "width": 80} if tiny else {}
-    job = {"mode": "video", "prompt": "A red fox trots across a snowy meadow at sunrise", "seed": 42,
-           "image_url": picture(*((80, 64) if tiny else (832, 480))), **shape}
+    job = {"mode": "video", "prompt": VIDEO_PROMPT, "seed": SEED,
+           "image_url": data_uri(input_image(*((80, 64) if tiny else (832, 480)))), **shape}
     warm = worker.run({"id": "warm-up", "input": {**job, "num_inference_steps": 2}})
     assert "error" not in warm, warm
     ends: list[float] = []
-    worker._progress = lambda _job: lambda phase, step, total: ends.append(time.perf_counter())
+    # Each step's end, once the GPU is done with it.
+    worker._progress = lambda _job: lambda phase, step, total: (plain.sync(), ends.append(time.perf_counter()))
     with GpuMemory() as memory:
         start = time.perf_counter()
         result = worker.run({"id": "timed", "input": {**job, "num_inference_steps": steps}})
@@ -63,21 +57,6 @@ def measure(gpus: int, steps: int, models: Path, tiny: bool, overrides: dict[str
             "s_per_step": statistics.median(b - a for a, b in zip(ends, ends[1:], strict=False)),
             "e2e_s": e2e, "timings": result["timings"], "warm_up_timings": warm["timings"],
             "peak_gib_per_gpu": memory.peak_gib[:gpus] if memory.peak_gib else None}
-
-
-def picture(width: int, height: int) -> str:
-    """A smooth test picture as a PNG data URI (the input image of every run)."""
-    import base64
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
-    rgb = np.stack([0.2 + 0.6 * x, 0.3 + 0.5 * y, 0.8 - 0.5 * x * y], axis=-1)
-    buf = io.BytesIO()
-    Image.fromarray((rgb * 255).astype(np.uint8)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 class GpuMemory:
@@ -113,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", help="comma-separated GPU counts (default: 1,2,4,8 up to the GPUs visible)")
     p.add_argument("--steps", type=int, help="steps of the timed job (default 40; --tiny 2)")
-    p.add_argument("--models", type=Path, default=Path("/tmp/bench-models"), help="random-weight models, built if "
-                   "missing (default /tmp/bench-models, bench.py's)")
+    p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="random-weight models, built if "
+                   f"missing (default {DEFAULT_MODELS}, bench.py's)")
     p.add_argument("--tiny", action="store_true", help="tiny models on CPU (gloo ranks): checks the code only")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="worker environment variable")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "multi-gpu.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "multi-gpu.json")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)  # one GPU count, in a fresh process
     args = p.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.set)
@@ -135,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     import download_weights
 
     size = "tiny" if args.tiny else "full"
-    marker = args.models / ".random-wan.json"
-    if not marker.is_file() or json.loads(marker.read_text()).get("size") != size:
+    if not download_weights.random_ready(args.models, "wan", size):
         download_weights.build_random(args.models, size, {"wan"})
     visible = torch.cuda.device_count() or (2 if args.tiny else 0)
     counts = [int(n) for n in args.gpus.split(",")] if args.gpus else [n for n in (1, 2, 4, 8) if n <= visible]
@@ -157,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         peak = max(r["peak_gib_per_gpu"]) if r["peak_gib_per_gpu"] else "n/a"
         print(f"| {r['gpus']} | {r['s_per_step']:.3f} | {r['e2e_s']:.1f} | {peak} | {r['efficiency']} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": overrides, "steps": steps, "tiny": args.tiny, "runs": rows},
+    args.out.write_text(json.dumps({**meta("multi_gpu.py", sys.argv[1:] if argv is None else argv),
+                                    "settings": overrides, "steps": steps, "tiny": args.tiny, "runs": rows},
                                    indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0 if len(rows) == len(counts) else 1

@@ -329,6 +329,7 @@ def test_copied_files_exist():
     "tests/test_deploy.py", "benchmarks/bench.py", "benchmarks/results/levers-1.json", "__pycache__/handler.pyc",
     "tests/__pycache__/conftest.pyc", ".pytest_cache/v/cache", ".ruff_cache/CACHEDIR.TAG",
     ".hypothesis/examples/x", ".whl/torch-2.13.0-cp311-cp311-manylinux_2_28_x86_64.whl", ".bench/run.json",
+    ".whl-ffmpeg/imageio_ffmpeg-0.7.0-py3-none-manylinux2014_x86_64.whl",
 ])
 def test_dockerignore_keeps_local_state_out_of_the_build_context(path):
     assert ignored(path), f"{path} would be sent to docker build"

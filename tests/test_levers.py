@@ -68,7 +68,7 @@ def test_float8_attention_error_against_exact_attention():
     assert ((naive - exact).norm() / exact.norm()).item() > 2 * shifted
 
 
-def test_wan_float8_attention_changes_the_video_by_rounding_only(run_job, make_worker, tmp_path):
+def test_wan_float8_attention_changes_the_video_by_rounding_only(run_job, make_worker):
     """WAN_FP8_ATTENTION=1 on the tiny model: the blocks' self-attention runs in float8 (cross-attention does
     not), the video differs from the float32 one by rounding, and compiled it gives the eager frames."""
     job = {**VIDEO, "image_url": png_b64(seed=5)}
@@ -82,24 +82,34 @@ def test_wan_float8_attention_changes_the_video_by_rounding_only(run_job, make_w
     print(f"float8 attention, tiny model: relative error {rel:.4f}, mean abs {np.abs(frames - reference).mean():.2f}")
     assert frames.shape == reference.shape == (9, 64, 96, 3)
     assert 0 < rel < 0.1
+    import torch._dynamo.utils as dynamo_utils
+
     torch._dynamo.reset()
+    dynamo_utils.counters.clear()
     compiled = make_worker({"WAN_FP8_ATTENTION": "1", "WAN_COMPILE": "1", "COMPILE_CACHE_DIR": "off"},
                            new_models=True)
     try:
-        compiled.models.start_up()
+        assert set(compiled.models.start_up()) == {"wan_load_s", "wan_warm_up_s"}  # compiled, nothing failed
+        assert dynamo_utils.counters["stats"]["unique_graphs"] >= 1
+        compiled.models.wan.stance = "fail_on_recompile"  # the job runs the compiled float8 graph, or fails
         same = _frames(compiled.run({"id": "fp8-attention-compiled", "input": job})).astype(np.int16)
     finally:
         torch._dynamo.reset()
-    assert np.abs(same - frames).mean() < 1.0  # inductor's fused kernels may flip a float8 rounding here and there
+    print(f"compiled against eager: mean abs {np.abs(same - frames).mean():.3f} levels")
+    # Inductor's fused kernels flip a float8 rounding here and there: closer to eager float8 than that is to float32.
+    assert np.abs(same - frames).mean() < 0.5 * np.abs(frames - reference).mean()
 
 
-def test_float8_attention_is_ignored_with_one_line_where_it_cannot_run(caplog):
+def test_float8_attention_is_ignored_with_one_line_where_it_cannot_run(caplog, monkeypatch):
     from model_handler import _use_fp8_attention
 
     assert _use_fp8_attention(True, torch.device("cpu"), num_gpus=1)  # emulated on CPU: the tests run it
     assert not _use_fp8_attention(True, torch.device("cpu"), num_gpus=2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))  # an Ada card
+    assert not _use_fp8_attention(True, torch.device("cuda"), num_gpus=1)
     assert caplog.messages == ["WAN_FP8_ATTENTION is ignored on cpu: context parallelism (NUM_GPUS > 1) does not "
-                               "run it"]
+                               "run it", "WAN_FP8_ATTENTION is ignored on cuda: FlashAttention-3's float8 kernel "
+                               "needs a Hopper GPU (compute capability 9.0)"]
     assert not _use_fp8_attention(False, torch.device("cpu"), num_gpus=1)
 
 
@@ -207,6 +217,7 @@ def test_the_compile_cache_key_changes_with_what_compiled_code_depends_on(tiny_m
     other = wan._key(dict(wan.pipe.transformer.config, num_layers=40), False, False)
     assert key == wan._key(wan.pipe.transformer.config, False, False)
     assert other != key and other != wan._key(wan.pipe.transformer.config, True, False)
+    assert key != wan._key(wan.pipe.transformer.config, True, False)  # WAN_FP8
     assert key != wan._key(wan.pipe.transformer.config, False, True)  # WAN_FP8_ATTENTION
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import signal
 import time
 
@@ -50,6 +51,23 @@ def test_start_up_refusals(tiny_settings, monkeypatch):
     assert str(err.value) == ("NUM_GPUS is 4 but this machine has 2 GPU(s) visible; set NUM_GPUS to at most 2 (or "
                               "give the endpoint 4 GPUs per worker).")
     assert parallel.check(dataclasses.replace(tiny_settings, num_gpus=2)) == "cuda"
+
+
+def test_float8_wan_that_would_be_unloaded_for_image_jobs_is_refused(tiny_settings):
+    """On a card that cannot hold float8 Wan beside SDXL, Wan is unloaded for an image job, and context
+    parallelism could not be enabled again on rank 0 alone: refused before any follower starts."""
+    from model_handler import Placement, WanModel
+
+    settings = dataclasses.replace(tiny_settings, num_gpus=2)
+    models = ModelHandler(settings)
+    models.placement = models.wan.placement = Placement(keep_both=False, wan_profile="full")  # a 48 GB card
+    models.wan.fp8 = True  # as WAN_FP8=1 decides on an Ada or Hopper GPU (never on CPU)
+    with pytest.raises(parallel.ParallelError) as err:
+        parallel.start(settings, models)
+    assert str(err.value) == ("NUM_GPUS=2 with WAN_FP8=1 needs GPUs that hold Wan and SDXL together (80 GB); unset "
+                              "WAN_FP8 or give the endpoint larger GPUs.")
+    assert isinstance(models.wan, WanModel)  # not replaced by ParallelWan
+    assert not followers_of(os.getpid())
 
 
 def test_worker_refuses_to_start_with_an_impossible_setup(start_api):

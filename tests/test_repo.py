@@ -28,7 +28,7 @@ def test_readme_parameter_tables_match_the_schema():
 def test_every_setting_the_worker_reads_is_documented():
     source = (ROOT / "settings.py").read_text()
     read = set(re.findall(r'"([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)"', source))
-    read -= {"RUNPOD_DEBUG_LEVEL", "RUNPOD_WEBHOOK_GET_JOB"}  # an alias, and RunPod's own marker
+    read -= {"RUNPOD_DEBUG_LEVEL", "RUNPOD_WEBHOOK_GET_JOB"}  # documented in RUNPOD_LOG_LEVEL's row; RunPod's marker
     documented = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", readme(), flags=re.M))
     assert read - documented == set()
     assert settings.BUCKET_VARS[0] in documented
@@ -83,3 +83,20 @@ def test_settings_read_only_the_mapping_they_are_given(monkeypatch):
     assert loaded.wan_model_id == settings.DEFAULT_WAN_MODEL_ID
     assert loaded.bucket is None
     assert loaded == settings.load_settings({"MODEL_DIR": "/nonexistent"})
+
+
+def test_the_start_up_settings_line_keeps_a_signed_lora_url_out_of_the_log():
+    url = "https://example.com/fast.safetensors?X-Amz-Signature=SECRET"
+    loaded = settings.load_settings({"WAN_FAST_LORA": url, "WAN_COMPILE": "1"})
+    assert loaded.wan_fast_lora == url
+    assert loaded.summary() == "wan_compile=True"
+    assert "SECRET" not in repr(loaded)
+
+
+def test_runpods_own_log_level_variable_is_honoured_unless_ours_is_set():
+    assert settings.load_settings({}).runpod_log_level == "INFO"
+    assert settings.load_settings({"RUNPOD_DEBUG_LEVEL": "error"}).runpod_log_level == "ERROR"
+    both = {"RUNPOD_DEBUG_LEVEL": "ERROR", "RUNPOD_LOG_LEVEL": "WARN"}
+    assert settings.load_settings(both).runpod_log_level == "WARN"
+    with pytest.raises(settings.SettingsError, match="RUNPOD_DEBUG_LEVEL must be one of NOTSET, TRACE, DEBUG"):
+        settings.load_settings({"RUNPOD_DEBUG_LEVEL": "loud"})

@@ -61,7 +61,12 @@ def test_img2img_keeps_the_input_aspect_ratio_at_the_requested_area(run_job):
     # At 128x128 the same input would give 176x88, a side below the 128 that images may have.
     small = run_job({"prompt": "", "image_url": png_b64(200, 100), "height": 128, "width": 128})
     assert small == {"error": "Field 'image_url' is a 200x100 image whose aspect ratio gives a 176x88 result; sides "
-                              "from 128 to 2048 are allowed, so send a less elongated image."}
+                              "from 128 to 2048 are allowed, so send a less elongated image or a larger height x "
+                              "width."}
+    big = run_job({"prompt": "", "image_url": png_b64(200, 100), "height": 2048, "width": 2048})
+    assert big == {"error": "Field 'image_url' is a 200x100 image whose aspect ratio gives a 2896x1448 result; sides "
+                            "from 128 to 2048 are allowed, so send a less elongated image or a smaller height x "
+                            "width."}
 
 
 def test_video_size_follows_the_image_aspect_ratio_when_not_given(run_job):
@@ -305,7 +310,7 @@ def test_a_size_of_another_aspect_ratio_crops_the_input_instead_of_stretching_it
     assert wide.shape == (32, 96, 3) and (wide[3:-3, :, 1] > 250).all()
 
 
-def test_video_jobs_give_the_pipeline_the_cropped_first_frame(run_job, tiny_models, monkeypatch):
+def test_video_jobs_call_cover_with_the_input_and_the_video_size(run_job, tiny_models, monkeypatch):
     import handler
 
     given = []
