@@ -231,15 +231,22 @@ class PipelineLoras:
     """The LoRA adapters loaded into one diffusers pipeline, which of them are active, and fusing.
 
     `denoiser` is the component that runs every step ("unet" or "transformer"): the only one
-    fused, since the text encoders run once per job.
+    fused, since the text encoders run once per job. `quantization` returns the torchao config the
+    denoiser's linears were quantized with (WAN_FP8), for re-quantizing them fused. With `unload_fused`
+    (a pipeline whose only LoRA component is the denoiser), fusing also unloads the adapters, which
+    leaves the denoiser's modules as they were when compiled: a compiled model runs the fused LoRA
+    compiled, and the next job with another set loads its LoRAs again (from the local LoRA cache).
     """
 
-    def __init__(self, pipe: Any, denoiser: str, model_words: str) -> None:
+    def __init__(self, pipe: Any, denoiser: str, model_words: str, quantization: Callable[[], Any] | None = None,
+                 unload_fused: bool = False) -> None:
         self.pipe, self.denoiser, self.model_words = pipe, denoiser, model_words
+        self.quantization, self.unload_fused = quantization, unload_fused
         self.loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recently used first
         self.active: tuple[tuple[str, float], ...] | None = ()  # None: unknown after a failure
         self.fused = False
-        self._originals: dict[Any, tuple[Any, Any]] = {}  # fused layer -> (weight, bias) copies on the CPU
+        # fused linear layer -> (copies on the CPU of the tensors holding its weights, its LoRA layer or None)
+        self._originals: dict[Any, tuple[dict[str, Any], Any]] = {}
         self.loads = 0  # adapters loaded so far (tests check that an unchanged set does not reload)
 
     def components(self) -> list[Any]:
@@ -252,13 +259,14 @@ class PipelineLoras:
         fuse = fuse and bool(wanted)
         if wanted == self.active and fuse == self.fused:
             for name, _ in wanted:
-                self.loaded.move_to_end(name)
+                if name in self.loaded:  # not when fused and unloaded
+                    self.loaded.move_to_end(name)
             return False
         try:
             if self.fused:
                 self._restore()
             if not wanted:
-                if self.active != ():
+                if self.active != () and self.loaded:
                     self.pipe.disable_lora()
                 self.active = ()
                 return True
@@ -335,30 +343,49 @@ class PipelineLoras:
             log.info("LoRA adapter %s unloaded (least recently used)", name)
 
     def _fuse(self, names: list[str]) -> None:
-        """Merge the active LoRAs into the denoiser's weights, keeping exact copies of the originals."""
+        """Merge the active LoRAs into the denoiser's weights in place, keeping exact copies of the originals."""
         start = time.perf_counter()
+        self.fused = True  # first: a failure part way leaves what it merged to the next job's restore
         for layer in _tuner_layers([getattr(self.pipe, self.denoiser)]):
             here = [n for n in names if n in getattr(layer, "lora_A", {})]
             if not here:
                 continue
             base = layer.get_base_layer()
-            bias = getattr(base, "bias", None)
-            self._originals[layer] = (base.weight.detach().to("cpu", copy=True),
-                                      None if bias is None else bias.detach().to("cpu", copy=True))
-            layer.merge(adapter_names=here)
-        self.fused = True
+            weight = base.weight
+            self._originals[base] = ({k: t.to("cpu", copy=True) for k, t in _weight_tensors(base).items()}, layer)
+            if hasattr(layer, "get_apply_tensor_subclass"):  # PEFT's layer for torchao-quantized weights
+                # Its merge re-quantizes into a new tensor; the values go back into the one compiled code has seen.
+                layer.get_apply_tensor_subclass = self.quantization
+                layer.merge(adapter_names=here)
+                for key, tensor in _weight_tensors(base).items():
+                    getattr(weight, key).copy_(tensor)
+                base.weight = weight
+            else:
+                layer.merge(adapter_names=here)
+        if self.unload_fused:
+            with _quiet_loading():
+                self.pipe.unload_lora_weights()
+            self.loaded.clear()
+            self._originals = {base: (saved, None) for base, (saved, _) in self._originals.items()}
         log.info("LoRAs fused into %d layers in %.2f s", len(self._originals), time.perf_counter() - start)
 
     def _restore(self) -> None:
         """Undo a fuse bit for bit: copy the original weights back (PEFT's unmerge subtracts, inexactly)."""
-        for layer, (weight, bias) in self._originals.items():
-            base = layer.get_base_layer()
-            base.weight.data.copy_(weight)
-            if bias is not None:
-                base.bias.data.copy_(bias)
-            layer.merged_adapters.clear()
+        for base, (saved, layer) in self._originals.items():
+            for key, tensor in _weight_tensors(base).items():
+                tensor.copy_(saved[key])
+            if layer is not None:
+                layer.merged_adapters.clear()
         self._originals.clear()
         self.fused = False
+
+
+def _weight_tensors(linear: Any) -> dict[str, Any]:
+    """The plain tensors holding a linear layer's weights: a torchao weight's inner ones (values, scales)."""
+    weight = linear.weight
+    if hasattr(weight, "__tensor_flatten__"):
+        return {key: getattr(weight, key) for key in weight.__tensor_flatten__()[0]}
+    return {"weight": weight.data} | ({"bias": linear.bias.data} if getattr(linear, "bias", None) is not None else {})
 
 
 def _misfit(err: Exception, state: dict[str, Any]) -> str:

@@ -370,6 +370,8 @@ class WanModel(_Model):
                                       use_stream=True, exclude_modules=["vae", "image_encoder"])
         if self.fp8_attention:
             _attend_in_float8(pipe.transformer)
+        # Inference only; and loading a LoRA turns requires_grad off, which compiled code would take for a change.
+        pipe.transformer.requires_grad_(False)
         if self.compiled:
             # Regional compilation with dynamic shapes: one compile of the repeated block serves every
             # video size and frame count, so auto-sized requests of any aspect ratio run compiled.
@@ -419,7 +421,8 @@ class WanModel(_Model):
 
         self.load()
         lora_s = self._use_loras(
-            job.loras, lambda: PipelineLoras(self.pipe, "transformer", "the Wan2.1 I2V transformer"),
+            job.loras, lambda: PipelineLoras(self.pipe, "transformer", "the Wan2.1 I2V transformer",
+                                             _fp8_config if self.fp8 else None, unload_fused=True),
             # Group offload keeps its own copies of the weights, so fused weights would not stay fused.
             self.settings.lora_fuse and self.placement.wan_profile != "lowvram")
         self.pipe.scheduler = UniPCMultistepScheduler.from_config(self.pipe.scheduler.config,
@@ -614,10 +617,17 @@ def _quantize_fp8(transformer: torch.nn.Module) -> None:
 
     The embedders and the output projection stay in bf16: they are small and most sensitive.
     """
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from torchao.quantization import quantize_
 
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+    quantize_(transformer, _fp8_config(),
               filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear) and fqn.startswith("blocks."))
+
+
+def _fp8_config() -> Any:
+    """WAN_FP8's torchao config (fusing a LoRA re-quantizes the merged weights with it)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
 
 
 def _step_callback(progress: Progress | None, phase: str, offset: int, total: int, cancelled: Cancelled | None,

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import png_b64, png_image
+from conftest import decode_data_uri, png_b64, png_image
 from safetensors.torch import save_file
 
 import loras
@@ -400,18 +400,84 @@ def test_fused_equals_unfused_and_is_undone_bit_for_bit(models, lora_env, lora_d
     unfused = video(models, loras=job)
     use(models, {**lora_env, "LORA_FUSE": "1"})
     transformer = models.wan.pipe.transformer
-    before = {n: p.detach().clone() for n, p in transformer.named_parameters() if "lora_" not in n}
+    def weights() -> dict[str, torch.Tensor]:  # fusing unloads the adapters: names without their base_layer
+        return {n.replace(".base_layer", ""): p for n, p in transformer.named_parameters() if "lora_" not in n}
+
+    before = {n: p.detach().clone() for n, p in weights().items()}
     fused = video(models, loras=job)
     assert models.wan.loras.fused
     np.testing.assert_allclose(fused, unfused, atol=1e-4)
     assert np.array_equal(video(models, loras=job), fused)  # same set: stays fused, same result
     assert np.array_equal(video(models), baseline_video)  # restored from the CPU copies, not by subtraction
-    assert all(torch.equal(p, before[n]) for n, p in transformer.named_parameters() if "lora_" not in n)
+    assert weights().keys() == before.keys() and all(torch.equal(p, before[n]) for n, p in weights().items())
     fused_other = video(models, loras=job[1:])  # another set: restore, then fuse the new one
     use(models, lora_env)
     np.testing.assert_allclose(fused_other, video(models, loras=job[1:]), atol=1e-4)
     assert not models.wan.loras.fused
     assert np.array_equal(video(models), baseline_video)
+
+
+def test_a_fused_wan_lora_runs_the_blocks_compiled_at_start_up(models, lora_env, lora_dir, make_worker):
+    """WAN_COMPILE=1 with LORA_FUSE=1: the fast preset's LoRA, fused, runs the blocks the start-up warm-up
+    compiled (dynamo's fail_on_recompile stance would raise) and gives the eager, unfused fast video; the
+    quality job after it gives the quality video of before it, bit for bit."""
+    import torch._dynamo.utils as dynamo_utils
+    from media import probe_mp4
+
+    distill = str(lora_dir / "wan-distill.safetensors")
+    use(models, {**lora_env, "WAN_FAST_LORA": distill})
+    eager_fast = video(models, preset="fast", num_inference_steps=None)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    worker = make_worker({**lora_env, "WAN_FAST_LORA": distill, "LORA_FUSE": "1", "WAN_COMPILE": "1",
+                          "COMPILE_CACHE_DIR": "off"}, new_models=True)
+    try:
+        assert set(worker.models.start_up()) == {"wan_load_s", "wan_warm_up_s"}
+        graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+        worker.models.wan.stance = "fail_on_recompile"
+        quality = video(worker.models)
+        fast = [video(worker.models, preset="fast", num_inference_steps=None) for _ in range(2)]
+        assert worker.models.wan.loras.fused
+        again = video(worker.models)
+        served = worker.run({"id": "fast", "input": {**VIDEO, "image_url": png_b64(64, 48), "preset": "fast"}})
+        assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs  # nothing compiled during the jobs
+    finally:
+        torch._dynamo.reset()
+    assert np.array_equal(again, quality)
+    assert np.array_equal(fast[1], fast[0])
+    print(f"fused compiled fast preset against unfused eager: max abs {np.abs(fast[0] - eager_fast).max():.2e}")
+    assert np.abs(fast[0] - eager_fast).max() < 2e-3  # inductor's fused float32 kernels round differently
+    assert np.abs(fast[0] - quality).max() > 0.05  # and the LoRA did change the video
+    assert probe_mp4(decode_data_uri(served["video"], "video/mp4"))["frames"] == VIDEO["num_frames"]
+
+
+def test_a_lora_fuses_into_quantized_wan_weights_and_is_undone_bit_for_bit(lora_env, lora_dir, make_worker,
+                                                                           monkeypatch, baseline_video):
+    """WAN_FP8=1 with LORA_FUSE=1: the merge is re-quantized with the model's own torchao config and the next
+    job without LoRAs gives the video of before, bit for bit. Float8 needs a GPU; torchao's int8 weights stand
+    in for it here, through the same loading and fusing code."""
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    import model_handler
+
+    monkeypatch.setattr(model_handler, "_use_fp8", lambda *args: True)
+    monkeypatch.setattr(model_handler, "_fp8_config", Int8WeightOnlyConfig)
+    worker = make_worker({**lora_env, "WAN_FP8": "1"}, new_models=True)
+    m = worker.models
+    job = [entry(lora_dir, "wan-other.safetensors")]
+    plain = video(m)
+    assert type(m.wan.pipe.transformer.blocks[0].attn1.to_q.weight).__name__ == "Int8Tensor"
+    unfused = video(m, loras=job)
+    use(m, {**lora_env, "WAN_FP8": "1", "LORA_FUSE": "1"})
+    fused = video(m, loras=job)
+    assert m.wan.loras.fused
+    assert np.array_equal(video(m), plain)
+    change, error = np.abs(unfused - plain).mean(), np.abs(fused - unfused).mean()
+    quantization = np.abs(plain - baseline_video).mean()
+    print(f"int8 fused against unfused: mean abs {error:.2e} (the LoRA's own change {change:.2e}, "
+          f"int8 against bf16 {quantization:.2e})")
+    # int8 rounds the merged weights anew (rows the test LoRA widens, so coarser steps): the LoRA's change stays.
+    assert error < 0.25 * change
 
 
 # ------------------------------------------------------------------------- SDXL
