@@ -188,12 +188,18 @@ def lora_layer_count(state: dict[str, Any]) -> int:
 
 
 def _tuner_layers(modules: Iterable[Any]) -> Iterator[Any]:
+    for model in modules:
+        for _, layer in _tuner_layers_named(model):
+            yield layer
+
+
+def _tuner_layers_named(model: Any) -> Iterator[tuple[str, Any]]:
+    """PEFT's LoRA layers in a model, each with the name of the layer it wraps."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for model in modules:
-        for module in model.modules():
-            if isinstance(module, BaseTunerLayer):
-                yield module
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            yield name, module
 
 
 @contextmanager
@@ -231,17 +237,18 @@ class PipelineLoras:
     """The LoRA adapters loaded into one diffusers pipeline, which of them are active, and fusing.
 
     `denoiser` is the component that runs every step ("unet" or "transformer"): the only one
-    fused, since the text encoders run once per job. `quantization` returns the torchao config the
-    denoiser's linears were quantized with (WAN_FP8), for re-quantizing them fused. With `unload_fused`
+    fused, since the text encoders run once per job. For a denoiser quantized by torchao (WAN_FP8),
+    `quantization` returns its config and `stored_weight` reads a weight, by name, as stored before
+    quantization: fusing quantizes stored weight plus LoRA with that config. With `unload_fused`
     (a pipeline whose only LoRA component is the denoiser), fusing also unloads the adapters, which
     leaves the denoiser's modules as they were when compiled: a compiled model runs the fused LoRA
     compiled, and the next job with another set loads its LoRAs again (from the local LoRA cache).
     """
 
-    def __init__(self, pipe: Any, denoiser: str, model_words: str, quantization: Callable[[], Any] | None = None,
-                 unload_fused: bool = False) -> None:
+    def __init__(self, pipe: Any, denoiser: str, model_words: str, *, quantization: Callable[[], Any] | None = None,
+                 stored_weight: Callable[[str], Any] | None = None, unload_fused: bool = False) -> None:
         self.pipe, self.denoiser, self.model_words = pipe, denoiser, model_words
-        self.quantization, self.unload_fused = quantization, unload_fused
+        self.quantization, self.stored_weight, self.unload_fused = quantization, stored_weight, unload_fused
         self.loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recently used first
         self.active: tuple[tuple[str, float], ...] | None = ()  # None: unknown after a failure
         self.fused = False
@@ -346,20 +353,16 @@ class PipelineLoras:
         """Merge the active LoRAs into the denoiser's weights in place, keeping exact copies of the originals."""
         start = time.perf_counter()
         self.fused = True  # first: a failure part way leaves what it merged to the next job's restore
-        for layer in _tuner_layers([getattr(self.pipe, self.denoiser)]):
+        denoiser = getattr(self.pipe, self.denoiser)
+        for name, layer in _tuner_layers_named(denoiser):
             here = [n for n in names if n in getattr(layer, "lora_A", {})]
             if not here:
                 continue
             base = layer.get_base_layer()
-            weight = base.weight
             self._originals[base] = ({k: t.to("cpu", copy=True) for k, t in _weight_tensors(base).items()}, layer)
-            if hasattr(layer, "get_apply_tensor_subclass"):  # PEFT's layer for torchao-quantized weights
-                # Its merge re-quantizes into a new tensor; the values go back into the one compiled code has seen.
-                layer.get_apply_tensor_subclass = self.quantization
-                layer.merge(adapter_names=here)
-                for key, tensor in _weight_tensors(base).items():
-                    getattr(weight, key).copy_(tensor)
-                base.weight = weight
+            if hasattr(layer, "get_apply_tensor_subclass"):  # torchao-quantized weights (WAN_FP8)
+                self._merge_quantized(f"{name}.weight", base, [layer.get_delta_weight(n) for n in here])
+                layer.merged_adapters.extend(here)
             else:
                 layer.merge(adapter_names=here)
         if self.unload_fused:
@@ -369,6 +372,26 @@ class PipelineLoras:
             self._originals = {base: (saved, None) for base, (saved, _) in self._originals.items()}
         log.info("LoRAs fused into %d layers in %.2f s", len(self._originals), time.perf_counter() - start)
 
+    def _merge_quantized(self, key: str, base: Any, deltas: list[Any]) -> None:
+        """Quantize the stored weight plus the LoRAs, into the tensors of the weight compiled code has seen.
+
+        From the stored weight, not the dequantized one: that lies on the float8 grid, where a LoRA's
+        change smaller than half a step would round back to nothing.
+        """
+        import torch
+        from torchao.quantization import quantize_
+
+        if self.stored_weight is None or self.quantization is None:
+            raise RuntimeError(f"{key} is quantized, and fusing a LoRA into it needs the stored weight and config")
+        weight = base.weight
+        merged = self.stored_weight(key).to(deltas[0].device, weight.dtype)
+        for delta in deltas:
+            merged += delta.to(weight.dtype)
+        holder = torch.nn.Linear(merged.shape[1], merged.shape[0], bias=False, device="meta")
+        holder.weight = torch.nn.Parameter(merged, requires_grad=False)
+        quantize_(holder, self.quantization())
+        for part, tensor in _weight_tensors(holder).items():
+            getattr(weight, part).copy_(tensor)
     def _restore(self) -> None:
         """Undo a fuse bit for bit: copy the original weights back (PEFT's unmerge subtracts, inexactly)."""
         for base, (saved, layer) in self._originals.items():

@@ -421,8 +421,10 @@ class WanModel(_Model):
 
         self.load()
         lora_s = self._use_loras(
-            job.loras, lambda: PipelineLoras(self.pipe, "transformer", "the Wan2.1 I2V transformer",
-                                             _fp8_config if self.fp8 else None, unload_fused=True),
+            job.loras, lambda: PipelineLoras(
+                self.pipe, "transformer", "the Wan2.1 I2V transformer", unload_fused=True,
+                **({"quantization": _fp8_config, "stored_weight": _stored_weights(self.settings.wan_model_id)}
+                   if self.fp8 else {})),
             # Group offload keeps its own copies of the weights, so fused weights would not stay fused.
             self.settings.lora_fuse and self.placement.wan_profile != "lowvram")
         self.pipe.scheduler = UniPCMultistepScheduler.from_config(self.pipe.scheduler.config,
@@ -628,6 +630,24 @@ def _fp8_config() -> Any:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
     return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+
+
+def _stored_weights(model_id: str) -> Callable[[str], torch.Tensor]:
+    """The Wan transformer's weights as stored in its model files (before float8), read one by name."""
+    from huggingface_hub import snapshot_download
+    from safetensors import safe_open
+
+    root = Path(model_id) if Path(model_id).is_dir() else Path(
+        snapshot_download(model_id, allow_patterns=["transformer/*"], local_files_only=True))
+    folder = root / "transformer"
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    files = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(folder / files.get(name, "diffusion_pytorch_model.safetensors"), framework="pt") as f:
+            return f.get_tensor(name)
+
+    return read
 
 
 def _step_callback(progress: Progress | None, phase: str, offset: int, total: int, cancelled: Cancelled | None,
