@@ -414,6 +414,13 @@ class WanModel(_Model):
                               "num_inference_steps": 2, **shape}, self.settings)
         self.generate(job, Image.new("RGB", (job.width, job.height)))
 
+    def _new_loras(self) -> PipelineLoras:
+        # Fused adapters are unloaded, so the compiled blocks still match; float8 layers are quantized anew
+        # from the model files' weights plus the LoRAs.
+        quantized = ({"quantization": _fp8_config, "stored_weight": _stored_weights(self.settings.wan_model_id)}
+                     if self.fp8 else {})
+        return PipelineLoras(self.pipe, "transformer", "the Wan2.1 I2V transformer", unload_fused=True, **quantized)
+
     def generate(self, job: VideoJob, image: Image.Image, progress: Progress | None = None,
                  cancelled: Cancelled | None = None) -> tuple[np.ndarray, dict[str, float]]:
         """Wan2.1 image-to-video; `image` is already the job's size. Returns frames (F, H, W, 3) in [0, 1]."""
@@ -421,10 +428,7 @@ class WanModel(_Model):
 
         self.load()
         lora_s = self._use_loras(
-            job.loras, lambda: PipelineLoras(
-                self.pipe, "transformer", "the Wan2.1 I2V transformer", unload_fused=True,
-                **({"quantization": _fp8_config, "stored_weight": _stored_weights(self.settings.wan_model_id)}
-                   if self.fp8 else {})),
+            job.loras, self._new_loras,
             # Group offload keeps its own copies of the weights, so fused weights would not stay fused.
             self.settings.lora_fuse and self.placement.wan_profile != "lowvram")
         self.pipe.scheduler = UniPCMultistepScheduler.from_config(self.pipe.scheduler.config,
