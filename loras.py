@@ -238,22 +238,22 @@ class PipelineLoras:
 
     `denoiser` is the component that runs every step ("unet" or "transformer"): the only one
     fused, since the text encoders run once per job. For a denoiser quantized by torchao (WAN_FP8),
-    `quantization` returns its config and `stored_weight` reads a weight, by name, as stored before
-    quantization: fusing quantizes stored weight plus LoRA with that config. With `unload_fused`
-    (a pipeline whose only LoRA component is the denoiser), fusing also unloads the adapters, which
-    leaves the denoiser's modules as they were when compiled: a compiled model runs the fused LoRA
-    compiled, and the next job with another set loads its LoRAs again (from the local LoRA cache).
+    `requantize(name, delta)` gives the weight `name` plus `delta`, quantized as the model's weights are:
+    fusing copies its values into the weight. With `unload_fused` (a pipeline whose only LoRA component
+    is the denoiser), fusing also unloads the adapters, which leaves the denoiser's modules as they were
+    when compiled: a compiled model runs the fused LoRA compiled, and the next job with another set
+    loads its LoRAs again (from the local LoRA cache).
     """
 
-    def __init__(self, pipe: Any, denoiser: str, model_words: str, *, quantization: Callable[[], Any] | None = None,
-                 stored_weight: Callable[[str], Any] | None = None, unload_fused: bool = False) -> None:
+    def __init__(self, pipe: Any, denoiser: str, model_words: str, *,
+                 requantize: Callable[[str, Any], Any] | None = None, unload_fused: bool = False) -> None:
         self.pipe, self.denoiser, self.model_words = pipe, denoiser, model_words
-        self.quantization, self.stored_weight, self.unload_fused = quantization, stored_weight, unload_fused
+        self.requantize, self.unload_fused = requantize, unload_fused
         self.loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recently used first
         self.active: tuple[tuple[str, float], ...] | None = ()  # None: unknown after a failure
         self.fused = False
-        # fused linear layer -> (copies on the CPU of the tensors holding its weights, its LoRA layer or None)
-        self._originals: dict[Any, tuple[dict[str, Any], Any]] = {}
+        # fused linear layer -> copies on the CPU of the tensors holding its weights
+        self._originals: dict[Any, dict[str, Any]] = {}
         self.loads = 0  # adapters loaded so far (tests check that an unchanged set does not reload)
 
     def components(self) -> list[Any]:
@@ -359,9 +359,12 @@ class PipelineLoras:
             if not here:
                 continue
             base = layer.get_base_layer()
-            self._originals[base] = ({k: t.to("cpu", copy=True) for k, t in _weight_tensors(base).items()}, layer)
+            self._originals[base] = {k: t.to("cpu", copy=True) for k, t in _weight_tensors(base).items()}
             if hasattr(layer, "get_apply_tensor_subclass"):  # torchao-quantized weights (WAN_FP8)
-                self._merge_quantized(f"{name}.weight", base, [layer.get_delta_weight(n) for n in here])
+                # Into the tensors compiled code has seen (PEFT's own merge swaps in new ones).
+                delta = sum(layer.get_delta_weight(n) for n in here).detach().to(base.weight.dtype)
+                for part, tensor in _tensor_parts(self.requantize(f"{name}.weight", delta)).items():
+                    getattr(base.weight, part).copy_(tensor)
                 layer.merged_adapters.extend(here)
             else:
                 layer.merge(adapter_names=here)
@@ -369,46 +372,29 @@ class PipelineLoras:
             with _quiet_loading():
                 self.pipe.unload_lora_weights()
             self.loaded.clear()
-            self._originals = {base: (saved, None) for base, (saved, _) in self._originals.items()}
         log.info("LoRAs fused into %d layers in %.2f s", len(self._originals), time.perf_counter() - start)
 
-    def _merge_quantized(self, key: str, base: Any, deltas: list[Any]) -> None:
-        """Quantize the stored weight plus the LoRAs, into the tensors of the weight compiled code has seen.
-
-        From the stored weight, not the dequantized one: that lies on the float8 grid, where a LoRA's
-        change smaller than half a step would round back to nothing.
-        """
-        import torch
-        from torchao.quantization import quantize_
-
-        if self.stored_weight is None or self.quantization is None:
-            raise RuntimeError(f"{key} is quantized, and fusing a LoRA into it needs the stored weight and config")
-        weight = base.weight
-        merged = self.stored_weight(key).to(deltas[0].device, weight.dtype)
-        for delta in deltas:
-            merged += delta.to(weight.dtype)
-        holder = torch.nn.Linear(merged.shape[1], merged.shape[0], bias=False, device="meta")
-        holder.weight = torch.nn.Parameter(merged, requires_grad=False)
-        quantize_(holder, self.quantization())
-        for part, tensor in _weight_tensors(holder).items():
-            getattr(weight, part).copy_(tensor)
     def _restore(self) -> None:
         """Undo a fuse bit for bit: copy the original weights back (PEFT's unmerge subtracts, inexactly)."""
-        for base, (saved, layer) in self._originals.items():
+        for base, saved in self._originals.items():
             for key, tensor in _weight_tensors(base).items():
                 tensor.copy_(saved[key])
-            if layer is not None:
-                layer.merged_adapters.clear()
+        for layer in _tuner_layers([getattr(self.pipe, self.denoiser)]):  # none left if unloaded
+            layer.merged_adapters.clear()
         self._originals.clear()
         self.fused = False
 
 
 def _weight_tensors(linear: Any) -> dict[str, Any]:
     """The plain tensors holding a linear layer's weights: a torchao weight's inner ones (values, scales)."""
-    weight = linear.weight
-    if hasattr(weight, "__tensor_flatten__"):
-        return {key: getattr(weight, key) for key in weight.__tensor_flatten__()[0]}
-    return {"weight": weight.data} | ({"bias": linear.bias.data} if getattr(linear, "bias", None) is not None else {})
+    if hasattr(linear.weight, "__tensor_flatten__"):
+        return _tensor_parts(linear.weight)
+    return {"weight": linear.weight.data} | ({"bias": linear.bias.data} if linear.bias is not None else {})
+
+
+def _tensor_parts(weight: Any) -> dict[str, Any]:
+    """A torchao tensor's inner tensors by attribute name (its float8 values and scales, say)."""
+    return {key: getattr(weight, key) for key in weight.__tensor_flatten__()[0]}
 
 
 def _misfit(err: Exception, state: dict[str, Any]) -> str:

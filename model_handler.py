@@ -415,11 +415,9 @@ class WanModel(_Model):
         self.generate(job, Image.new("RGB", (job.width, job.height)))
 
     def _new_loras(self) -> PipelineLoras:
-        # Fused adapters are unloaded, so the compiled blocks still match; float8 layers are quantized anew
-        # from the model files' weights plus the LoRAs.
-        quantized = ({"quantization": _fp8_config, "stored_weight": _stored_weights(self.settings.wan_model_id)}
-                     if self.fp8 else {})
-        return PipelineLoras(self.pipe, "transformer", "the Wan2.1 I2V transformer", unload_fused=True, **quantized)
+        # Fused adapters are unloaded, so the compiled blocks still match.
+        return PipelineLoras(self.pipe, "transformer", "the Wan2.1 I2V transformer", unload_fused=True,
+                             requantize=_fp8_requantizer(self.settings.wan_model_id) if self.fp8 else None)
 
     def generate(self, job: VideoJob, image: Image.Image, progress: Progress | None = None,
                  cancelled: Cancelled | None = None) -> tuple[np.ndarray, dict[str, float]]:
@@ -636,8 +634,12 @@ def _fp8_config() -> Any:
     return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
 
 
-def _stored_weights(model_id: str) -> Callable[[str], torch.Tensor]:
-    """The Wan transformer's weights as stored in its model files (before float8), read one by name."""
+def _fp8_requantizer(model_id: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """For fusing a LoRA under WAN_FP8: the transformer's weight `name` plus `delta`, quantized as WAN_FP8 does.
+
+    From the weight in the model files, not the dequantized float8 one: that lies on the float8 grid,
+    where a LoRA's change smaller than half a step would round back to nothing.
+    """
     from huggingface_hub import snapshot_download
     from safetensors import safe_open
 
@@ -646,12 +648,21 @@ def _stored_weights(model_id: str) -> Callable[[str], torch.Tensor]:
     folder = root / "transformer"
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     files = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+    opened: dict[str, Any] = {}  # one open per file, not per weight
 
-    def read(name: str) -> torch.Tensor:
-        with safe_open(folder / files.get(name, "diffusion_pytorch_model.safetensors"), framework="pt") as f:
-            return f.get_tensor(name)
+    def requantize(name: str, delta: torch.Tensor) -> torch.Tensor:
+        from torchao.quantization import quantize_
 
-    return read
+        file = files.get(name, "diffusion_pytorch_model.safetensors")
+        if file not in opened:
+            opened[file] = safe_open(folder / file, framework="pt")
+        holder = torch.nn.Linear(delta.shape[1], delta.shape[0], bias=False, device="meta")
+        stored = opened[file].get_tensor(name).to(delta.device, delta.dtype)
+        holder.weight = torch.nn.Parameter(stored + delta, requires_grad=False)
+        quantize_(holder, _fp8_config())
+        return holder.weight
+
+    return requantize
 
 
 def _step_callback(progress: Progress | None, phase: str, offset: int, total: int, cancelled: Cancelled | None,
