@@ -368,6 +368,9 @@ class WanModel(_Model):
             pipe.image_encoder.to(self.device)
             pipe.enable_group_offload(onload_device=self.device, offload_type="block_level", num_blocks_per_group=1,
                                       use_stream=True, exclude_modules=["vae", "image_encoder"])
+        # cuDNN's channels-last 3D kernels run the Wan VAE's encode and decode faster (a layout, the same sums).
+        for conv in (m for m in pipe.vae.modules() if isinstance(m, torch.nn.Conv3d)):
+            conv.to(memory_format=torch.channels_last_3d)
         if self.fp8_attention:
             _attend_in_float8(pipe.transformer)
         # Inference only; and loading a LoRA turns requires_grad off, which compiled code would take for a change.
@@ -421,7 +424,7 @@ class WanModel(_Model):
 
     def generate(self, job: VideoJob, image: Image.Image, progress: Progress | None = None,
                  cancelled: Cancelled | None = None) -> tuple[np.ndarray, dict[str, float]]:
-        """Wan2.1 image-to-video; `image` is already the job's size. Returns frames (F, H, W, 3) in [0, 1]."""
+        """Wan2.1 image-to-video; `image` is already the job's size. Returns uint8 RGB frames (F, H, W, 3)."""
         from diffusers import UniPCMultistepScheduler
 
         self.load()
@@ -434,13 +437,15 @@ class WanModel(_Model):
         start = time.perf_counter()
         oom = _friendly_oom(f"{job.num_frames} frames of {job.width}x{job.height}", "fewer frames or a smaller size")
         with oom, _step_cache(self.pipe.transformer, job), self._stance(), self._offloaded_on_failure():
-            frames = self.pipe(
+            video = self.pipe(
                 image=image, prompt=job.prompt, negative_prompt=job.negative_prompt, height=job.height,
                 width=job.width, num_frames=job.num_frames, num_inference_steps=job.num_inference_steps,
                 guidance_scale=job.guidance_scale, generator=torch.Generator("cpu").manual_seed(job.seed),
-                output_type="np", callback_on_step_end=_step_callback(
+                output_type="pt", callback_on_step_end=_step_callback(
                     progress, "denoise", 0, job.num_inference_steps, cancelled, self.on_step),
             ).frames[0]
+            # To uint8 where the frames are: numpy's float passes over a full-size video cost far more on CPU.
+            frames = video.permute(0, 2, 3, 1).float().mul(255).round().to(torch.uint8).cpu().numpy()
         timings = {"inference_s": time.perf_counter() - start}
         return frames, timings | ({"lora_s": lora_s} if job.loras else {})
 

@@ -15,6 +15,7 @@ import os
 import re
 import tempfile
 import warnings
+import zlib
 
 import imageio_ffmpeg
 import numpy as np
@@ -128,8 +129,10 @@ def cover(image: Image.Image, width: int, height: int) -> Image.Image:
 
 
 def png_bytes(image: Image.Image) -> bytes:
+    """Lossless PNG. zlib's run-length strategy: for generated pictures about as small as the default
+    strategy's files, in about half the time (benchmarks/encode.py)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
     return buf.getvalue()
 
 

@@ -7,7 +7,9 @@
 #
 # Steps (each writes RES/<step>/: its JSON and log.txt; RES/progress.log says what started and ended):
 #   attention    attention.py: float8 attention against SDPA at 32,760 tokens (ms, error)
+#   vae          vae.py: the Wan VAE's encode/decode in bf16 and float32 as diffusers runs it and as the worker does
 #   goals        bench.py --full (40 steps) with the speed switches: video81, forward, fast
+#   goals-fast   the same, the fast preset alone
 #   goals-sdxl   the same for SDXL's default job (image); builds the SDXL models if missing
 #   quick        bench.py, default settings, 2 video steps, every job
 #   quick-speed  the same with the speed switches
@@ -31,7 +33,10 @@ run_step() {
   case $name in
     build) cmd=(download_weights.py --random-full "$MODELS" ${ONLY:+--only "$ONLY"}) ;;
     attention) cmd=(benchmarks/attention.py --out "$out/attention.json") ;;
+    vae) cmd=(benchmarks/vae.py --out "$out/vae.json") ;;
+    vae-float32) cmd=(benchmarks/vae.py --dtype float32 --out "$out/vae-float32.json") ;;
     goals) cmd=(benchmarks/bench.py --full --only video81,forward,fast "${SPEED[@]}" --models "$MODELS") ;;
+    goals-fast) cmd=(benchmarks/bench.py --full --only fast --tag fast "${SPEED[@]}" --models "$MODELS") ;;
     goals-sdxl) cmd=(benchmarks/bench.py --full --only image --tag sdxl "${SPEED[@]}" --models "$MODELS") ;;
     quick) cmd=(benchmarks/bench.py --models "$MODELS") ;;
     quick-speed) cmd=(benchmarks/bench.py "${SPEED[@]}" --models "$MODELS") ;;
@@ -42,7 +47,7 @@ run_step() {
                  --shapes 832x480x81,1024x768x33 --configs default,speed-empty,speed-cached) ;;
     report)
       cmd=(benchmarks/bench.py --goals)
-      for f in "$RES/goals/bench-full.json" "$RES/goals-sdxl/bench-sdxl.json"; do
+      for f in "$RES/goals/bench-full.json" "$RES/goals-fast/bench-fast.json" "$RES/goals-sdxl/bench-sdxl.json"; do
         [[ -f $f ]] && cmd+=(--from "$f")
       done
       [[ ${#cmd[@]} -gt 2 ]] || { echo "report: no goals results in $RES" >> "$RES/progress.log"; return; }
@@ -51,7 +56,7 @@ run_step() {
       done ;;
     *) echo "unknown step $name" >> "$RES/progress.log"; return ;;
   esac
-  [[ $name == build || $name == attention ]] || cmd+=(--out "$([[ $name == report ]] && echo "$RES" || echo "$out")")
+  [[ $name == build || $name == attention || $name == vae* ]] || cmd+=(--out "$([[ $name == report ]] && echo "$RES" || echo "$out")")
   echo "[$(date -u +%T)] start $name: ${cmd[*]}" >> "$RES/progress.log"
   python3 "${cmd[@]}" > "$out/log.txt" 2>&1
   local rc=$?
@@ -78,6 +83,10 @@ case ${1:-} in
   run)
     shift
     for step in "$@"; do
+      # The other steps import video_utils: wait (10 min at most) for imageio-ffmpeg, which a poll brings.
+      if [[ $step != build && $step != attention ]]; then
+        for _ in $(seq 120); do [[ -e /tmp/site/.whl-ffmpeg.done ]] && break; sleep 5; done
+      fi
       run_step "$step"
       # A float8 attention kernel that fails alone must not cost the goals run: they go on without it.
       if [[ $step == attention && ! -s $RES/attention/attention.json ]]; then

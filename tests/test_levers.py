@@ -193,7 +193,7 @@ def test_wan_compile_serves_every_shape_compiled_after_one_warm_up(tiny_models, 
     assert [f.shape for f in compiled] == [f.shape for f in eager] == [
         (9, 64, 96, 3), (13, 96, 64, 3), (5, 128, 80, 3), (9, 544, 720, 3)]
     for c, e in zip(compiled, eager, strict=True):
-        assert np.abs(c - e).max() < 2e-3  # inductor's fused float32 kernels round differently (< 1 level)
+        assert np.abs(c.astype(np.int16) - e).max() <= 1  # inductor's fused float32 kernels round differently
 
 
 def test_the_compile_cache_is_written_whole_and_a_bad_one_costs_only_a_compile(tmp_path, caplog):
