@@ -370,7 +370,8 @@ class WanModel(_Model):
             pipe.image_encoder.to(self.device)
             pipe.enable_group_offload(onload_device=self.device, offload_type="block_level", num_blocks_per_group=1,
                                       use_stream=True, exclude_modules=["vae", "image_encoder"])
-        # cuDNN's channels-last 3D kernels run the Wan VAE's encode and decode faster (a layout, the same sums).
+        # cuDNN's channels-last 3D kernels run the Wan VAE's encode and decode faster (a layout: the same sums,
+        # added in another order on a GPU, so they round differently).
         for conv in (m for m in pipe.vae.modules() if isinstance(m, torch.nn.Conv3d)):
             conv.to(memory_format=torch.channels_last_3d)
         if self.fp8_attention:
@@ -447,7 +448,7 @@ class WanModel(_Model):
                     progress, "denoise", 0, job.num_inference_steps, cancelled, self.on_step),
             ).frames[0]
             # To uint8 where the frames are: numpy's float passes over a full-size video cost far more on CPU.
-            frames = video.permute(0, 2, 3, 1).float().mul(255).round().to(torch.uint8).cpu().numpy()
+            frames = video.permute(0, 2, 3, 1).float().mul_(255).round_().to(torch.uint8).contiguous().cpu().numpy()
         timings = {"inference_s": time.perf_counter() - start}
         return frames, timings | ({"lora_s": lora_s} if job.loras else {})
 

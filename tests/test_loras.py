@@ -197,17 +197,15 @@ def use(models: ModelHandler, env: dict[str, str]) -> None:
     _set_settings(models, load_settings(env))
 
 
-LEVEL = 1 / 255  # one step of the uint8 frames: where two float computations that agree can still round apart
-
-
 def video(models: ModelHandler, **fields) -> np.ndarray:
-    """The frames of a tiny video job as the worker hands them to the MP4 encoder (no lossy H.264 round trip),
-    scaled to [0, 1]."""
+    """The uint8 frames of a tiny video job as the worker hands them to the MP4 encoder (no lossy H.264 round
+    trip), as int16: differences are in levels of 255, and "the same" allows one (two float computations that
+    agree can still round apart), so "changed" means more than one."""
     job = validate_input({**VIDEO, **fields}, models.settings)
     wan, _ = models.model("video")
     frames, _ = wan.generate(job, png_image(64, 64), lambda *_: None)
     assert frames.dtype == np.uint8
-    return frames / 255
+    return frames.astype(np.int16)
 
 
 @contextmanager
@@ -354,17 +352,17 @@ def test_lora_settings(tmp_path):
 # ------------------------------------------------------------------------- Wan formats
 def test_every_wan_lora_format_loads_and_gives_the_same_video(models, lora_dir, baseline_video):
     peft = video(models, loras=[entry(lora_dir, "wan-peft.safetensors")])
-    assert np.abs(peft - baseline_video).max() > 1e-3, "the LoRA did not change the video"
+    assert np.abs(peft - baseline_video).max() > 1, "the LoRA did not change the video"
     for name in ("wan-peft-noprefix.safetensors", "wan-peft-saved.safetensors", "wan-lightx2v.safetensors",
                  "wan-musubi.safetensors"):
         other = video(models, loras=[entry(lora_dir, name)])
-        np.testing.assert_allclose(other, peft, atol=LEVEL, err_msg=name)
+        np.testing.assert_allclose(other, peft, atol=1, err_msg=name)
     # A T2V LoRA on the I2V model: diffusers pads the image K/V projections with zeros.
     t2v = video(models, loras=[entry(lora_dir, "wan-t2v.safetensors")])
-    np.testing.assert_allclose(t2v, video(models, loras=[entry(lora_dir, "wan-peft-t2v.safetensors")]), atol=LEVEL)
-    assert np.abs(t2v - baseline_video).max() > 1e-3 and np.abs(t2v - peft).max() > 1e-4
+    np.testing.assert_allclose(t2v, video(models, loras=[entry(lora_dir, "wan-peft-t2v.safetensors")]), atol=1)
+    assert np.abs(t2v - baseline_video).max() > 1 and np.abs(t2v - peft).max() > 1
     half = video(models, loras=[entry(lora_dir, "wan-peft.safetensors", 0.5)])
-    assert np.abs(half - peft).max() > 1e-4, "the scale was ignored"
+    assert np.abs(half - peft).max() > 1, "the scale was ignored"
     # 7 LoRAs were loaded; the least recently used beyond KEEP_LOADED were deleted from the model.
     state = models.wan.loras
     assert len(state.loaded) == loras.KEEP_LOADED == len(models.wan.pipe.transformer.peft_config)
@@ -378,7 +376,7 @@ def test_sequential_jobs_with_different_loras_do_not_leak(models, lora_dir, base
     first = video(models, loras=other)
     video(models, loras=[entry(lora_dir, "wan-peft.safetensors")])
     both = video(models, loras=[entry(lora_dir, "wan-peft.safetensors"), *other])
-    assert np.abs(both - first).max() > 1e-3
+    assert np.abs(both - first).max() > 1
     assert np.array_equal(video(models, loras=other), first)
     assert np.array_equal(video(models), baseline_video)
 
@@ -411,13 +409,13 @@ def test_fused_equals_unfused_and_is_undone_bit_for_bit(models, lora_env, lora_d
     before = {n: p.detach().clone() for n, p in weights().items()}
     fused = video(models, loras=job)
     assert models.wan.loras.fused
-    np.testing.assert_allclose(fused, unfused, atol=LEVEL)
+    np.testing.assert_allclose(fused, unfused, atol=1)
     assert np.array_equal(video(models, loras=job), fused)  # same set: stays fused, same result
     assert np.array_equal(video(models), baseline_video)  # restored from the CPU copies, not by subtraction
     assert weights().keys() == before.keys() and all(torch.equal(p, before[n]) for n, p in weights().items())
     fused_other = video(models, loras=job[1:])  # another set: restore, then fuse the new one
     use(models, lora_env)
-    np.testing.assert_allclose(fused_other, video(models, loras=job[1:]), atol=LEVEL)
+    np.testing.assert_allclose(fused_other, video(models, loras=job[1:]), atol=1)
     assert not models.wan.loras.fused
     assert np.array_equal(video(models), baseline_video)
 
@@ -451,8 +449,8 @@ def test_a_fused_wan_lora_runs_the_blocks_compiled_at_start_up(models, lora_env,
     assert np.array_equal(again, quality)
     assert np.array_equal(fast[1], fast[0])
     print(f"fused compiled fast preset against unfused eager: max abs {np.abs(fast[0] - eager_fast).max():.2e}")
-    assert np.abs(fast[0] - eager_fast).max() <= LEVEL  # inductor's fused float32 kernels round differently
-    assert np.abs(fast[0] - quality).max() > 0.05  # and the LoRA did change the video
+    assert np.abs(fast[0] - eager_fast).max() <= 1  # inductor's fused float32 kernels round differently
+    assert np.abs(fast[0] - quality).max() > 12  # and the LoRA did change the video
     assert probe_mp4(decode_data_uri(served["video"], "video/mp4"))["frames"] == VIDEO["num_frames"]
 
 
