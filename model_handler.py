@@ -370,10 +370,7 @@ class WanModel(_Model):
             pipe.image_encoder.to(self.device)
             pipe.enable_group_offload(onload_device=self.device, offload_type="block_level", num_blocks_per_group=1,
                                       use_stream=True, exclude_modules=["vae", "image_encoder"])
-        # cuDNN's channels-last 3D kernels run the Wan VAE's encode and decode faster (a layout: the same sums,
-        # added in another order on a GPU, so they round differently).
-        for conv in (m for m in pipe.vae.modules() if isinstance(m, torch.nn.Conv3d)):
-            conv.to(memory_format=torch.channels_last_3d)
+        channels_last_convs(pipe.vae)
         if self.fp8_attention:
             _attend_in_float8(pipe.transformer)
         # Inference only; and loading a LoRA turns requires_grad off, which compiled code would take for a change.
@@ -447,8 +444,7 @@ class WanModel(_Model):
                 output_type="pt", callback_on_step_end=_step_callback(
                     progress, "denoise", 0, job.num_inference_steps, cancelled, self.on_step),
             ).frames[0]
-            # To uint8 where the frames are: numpy's float passes over a full-size video cost far more on CPU.
-            frames = video.permute(0, 2, 3, 1).float().mul_(255).round_().to(torch.uint8).contiguous().cpu().numpy()
+            frames = uint8_frames(video)
         timings = {"inference_s": time.perf_counter() - start}
         return frames, timings | ({"lora_s": lora_s} if job.loras else {})
 
@@ -568,6 +564,19 @@ def _step_cache(transformer: torch.nn.Module, job: VideoJob) -> Iterator[None]:
         yield
     finally:
         transformer.disable_cache()
+
+
+def channels_last_convs(module: torch.nn.Module) -> None:
+    """The module's 3D convolutions channels-last: cuDNN's faster kernels for the Wan VAE's encode and decode
+    (a layout: the same sums, added in another order on a GPU, so they round differently)."""
+    for conv in (m for m in module.modules() if isinstance(m, torch.nn.Conv3d)):
+        conv.to(memory_format=torch.channels_last_3d)
+
+
+def uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """Frames (F, C, H, W) in [0, 1] -> uint8 RGB (F, H, W, 3), converted where they are (on the GPU, say):
+    numpy's float passes over a full-size video cost far more on CPU."""
+    return video.permute(0, 2, 3, 1).float().mul_(255).round_().to(torch.uint8).contiguous().cpu().numpy()
 
 
 def fp8_capable(device: torch.device) -> bool:

@@ -7,7 +7,8 @@
 #
 # Steps (each writes RES/<step>/: its JSON and log.txt; RES/progress.log says what started and ended):
 #   attention    attention.py: float8 attention against SDPA at 32,760 tokens (ms, error)
-#   vae          vae.py: the Wan VAE's encode/decode in bf16 and float32 as diffusers runs it and as the worker does
+#   vae          vae.py: the Wan VAE's encode/decode in bf16 as diffusers runs it and as the worker does
+#   vae-float32  the same in float32 (the model card's VAE dtype)
 #   goals        bench.py --full (40 steps) with the speed switches: video81, forward, fast
 #   goals-fast   the same, the fast preset alone
 #   goals-sdxl   the same for SDXL's default job (image); builds the SDXL models if missing

@@ -23,6 +23,7 @@ import torch
 from bench import input_image, meta  # also puts the worker's modules on the path
 
 from download_weights import random_component
+from model_handler import channels_last_convs, uint8_frames
 from video_utils import frames_to_mp4, to_uint8
 
 VARIANTS = ("default", "cudnn_benchmark", "channels_last", "channels_last_benchmark", "compiled")
@@ -56,8 +57,7 @@ def main() -> None:
     # Frames: a moving picture, as the pipeline's decoded tensor (B, C, F, H, W) in [-1, 1].
     frames = torch.stack([torch.roll(image, 4 * i, dims=1) for i in range(81)]).permute(3, 0, 1, 2)[None].cuda()
     _, _, np_s = timed(lambda: to_uint8((frames / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 3, 0).float().cpu().numpy()))
-    uint8, _, gpu_s = timed(lambda: (frames[0].permute(1, 2, 3, 0).float() / 2 + 0.5).clamp(0, 1).mul(255).round()
-                            .to(torch.uint8).cpu().numpy())
+    uint8, _, gpu_s = timed(lambda: uint8_frames((frames[0] / 2 + 0.5).clamp(0, 1).transpose(0, 1)))
     start = time.perf_counter()
     mp4 = frames_to_mp4(uint8, 16)
     results["frames"] = {"to_uint8_numpy_s": np_s, "to_uint8_gpu_s": gpu_s,
@@ -67,9 +67,10 @@ def main() -> None:
     for name in args.variants.split(","):
         torch.backends.cudnn.benchmark = "benchmark" in name
         vae = random_component("wan_vae", "full", "cuda").to(dtype)
-        fmt = torch.channels_last_3d if name.startswith("channels_last") else torch.contiguous_format
-        for conv in (m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)):
-            conv.to(memory_format=fmt)
+        fmt = torch.contiguous_format
+        if name.startswith("channels_last"):
+            channels_last_convs(vae)
+            fmt = torch.channels_last_3d  # the inputs too (in the worker the first convolution converts them)
         if name == "compiled":
             vae.encoder.compile()
             vae.decoder.compile()
