@@ -29,7 +29,7 @@ from model_handler import Cancelled, GenerationError, ModelHandler, free_memory
 from schemas import ImageJob, InputError, VideoJob, size_image_job, size_video_job, validate_input
 from settings import Settings, SettingsError, load_settings
 from storage import Artifact, DeliveryError, deliver
-from video_utils import cover, frames_to_mp4, load_image_input, png_bytes
+from video_utils import Mp4Stream, cover, load_image_input, png_bytes
 
 log = logging.getLogger("worker")
 
@@ -101,9 +101,11 @@ class Worker:
         image = cover(image, spec.width, spec.height)
         timings = {"fetch_s": time.perf_counter() - start}
         model, timings["load_s"] = self.models.model("video")
-        frames, generated = model.generate(spec, image, self._progress(job), cancelled)
-        start = time.perf_counter()
-        mp4 = frames_to_mp4(frames, spec.fps, preset=self.settings.mp4_preset)
+        # x264 encodes the frames as the VAE decodes them; encode_s is what is left after the last one.
+        with Mp4Stream(spec.width, spec.height, spec.fps, preset=self.settings.mp4_preset) as stream:
+            _, generated = model.generate(spec, image, self._progress(job), cancelled, stream.write)
+            start = time.perf_counter()
+            mp4 = stream.finish()
         timings |= generated | {"encode_s": time.perf_counter() - start}
         urls, warnings = self._deliver([Artifact(mp4, "video/mp4", "video.mp4")], job, spec, timings)
         result = {"video": urls[0], "seed": spec.seed, "width": spec.width, "height": spec.height,

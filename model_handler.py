@@ -423,8 +423,10 @@ class WanModel(_Model):
                              requantize=_fp8_requantizer(self.settings.wan_model_id) if self.fp8 else None)
 
     def generate(self, job: VideoJob, image: Image.Image, progress: Progress | None = None,
-                 cancelled: Cancelled | None = None) -> tuple[np.ndarray, dict[str, float]]:
-        """Wan2.1 image-to-video; `image` is already the job's size. Returns uint8 RGB frames (F, H, W, 3)."""
+                 cancelled: Cancelled | None = None, on_frames: Callable[[np.ndarray], None] | None = None,
+                 ) -> tuple[np.ndarray, dict[str, float]]:
+        """Wan2.1 image-to-video; `image` is already the job's size. Returns uint8 RGB frames (F, H, W, 3), which
+        `on_frames` also gets in order, a few at a time, while the VAE is still decoding the rest."""
         from diffusers import UniPCMultistepScheduler
 
         self.load()
@@ -436,7 +438,8 @@ class WanModel(_Model):
                                                                   flow_shift=job.flow_shift)
         start = time.perf_counter()
         oom = _friendly_oom(f"{job.num_frames} frames of {job.width}x{job.height}", "fewer frames or a smaller size")
-        with oom, _step_cache(self.pipe.transformer, job), self._stance(), self._offloaded_on_failure():
+        with oom, _step_cache(self.pipe.transformer, job), self._stance(), self._offloaded_on_failure(), \
+                reused_encoder_work(self.pipe.vae), self._decoded_frames(on_frames) as chunks:
             video = self.pipe(
                 image=image, prompt=job.prompt, negative_prompt=job.negative_prompt, height=job.height,
                 width=job.width, num_frames=job.num_frames, num_inference_steps=job.num_inference_steps,
@@ -444,9 +447,34 @@ class WanModel(_Model):
                 output_type="pt", callback_on_step_end=_step_callback(
                     progress, "denoise", 0, job.num_inference_steps, cancelled, self.on_step),
             ).frames[0]
+        if chunks:
+            frames = np.concatenate(chunks)
+        else:  # a tiled decode (lowvram) passes tiles, not frames, through the decoder: hand on the whole video
             frames = uint8_frames(video)
+            if on_frames is not None:
+                on_frames(frames)
         timings = {"inference_s": time.perf_counter() - start}
         return frames, timings | ({"lora_s": lora_s} if job.loras else {})
+
+    @contextmanager
+    def _decoded_frames(self, on_frames: Callable[[np.ndarray], None] | None) -> Iterator[list[np.ndarray]]:
+        """The frames as the VAE's decoder makes them (1, then 4 per latent frame), as uint8, passed to
+        `on_frames` at once: the MP4 encoder then works while the rest decode. Empty for a tiled decode."""
+        vae, chunks = self.pipe.vae, []
+
+        def decoded(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+            # The VAE clamps its whole output to [-1, 1] afterwards; clamping each part first is the same.
+            frames = uint8_frames(self.pipe.video_processor.postprocess_video(output.clamp(-1, 1), "pt")[0])
+            chunks.append(frames)
+            if on_frames is not None:
+                on_frames(frames)
+
+        hook = None if vae.use_tiling else vae.decoder.register_forward_hook(decoded)
+        try:
+            yield chunks
+        finally:
+            if hook is not None:
+                hook.remove()
 
     @contextmanager
     def _offloaded_on_failure(self) -> Iterator[None]:
@@ -571,6 +599,51 @@ def channels_last_convs(module: torch.nn.Module) -> None:
     (a layout: the same sums, added in another order on a GPU, so they round differently)."""
     for conv in (m for m in module.modules() if isinstance(m, torch.nn.Conv3d)):
         conv.to(memory_format=torch.channels_last_3d)
+
+
+@contextmanager
+def reused_encoder_work(vae: torch.nn.Module) -> Iterator[None]:
+    """While inside, each layer of the Wan VAE's encoder skips work that would repeat its last output exactly.
+
+    The video an I2V job encodes is its image followed by black frames. The encoder takes it four frames at
+    a time and each layer keeps its last frames in a cache; once a layer's input repeats and its cache came
+    out of its last call unchanged, it would compute the same values again, so it returns them instead. The
+    early full-resolution layers settle within a few latent frames; the deep ones later or not at all.
+    """
+    layers = [*vae.encoder.down_blocks, vae.encoder.mid_block]
+    for layer in layers:
+        layer.forward = _RepeatSkipping(layer.forward)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward again, and the held tensors freed
+
+
+class _RepeatSkipping:
+    """An encoder layer's forward(x, feat_cache, feat_idx) that returns its last output when the call cannot
+    change anything: the same input as last time, and its cache entries left unchanged by that last call."""
+
+    def __init__(self, forward: Callable[..., torch.Tensor]) -> None:
+        self.forward, self.cache = forward, None
+
+    def __call__(self, x: torch.Tensor, feat_cache: list | None = None, feat_idx: list[int] = [0]) -> torch.Tensor:  # noqa: B006 - diffusers' signature
+        if feat_cache is not self.cache:  # a new encode (or tile): start over
+            self.cache, self.x, self.out, self.settled = feat_cache, None, None, False
+        if self.settled and _same(x, self.x):
+            feat_idx[0] = self.end  # past this layer's cache entries, as its forward would leave it
+            return self.out
+        start, before = feat_idx[0], list(feat_cache or [])
+        out = self.forward(x, feat_cache, feat_idx)
+        self.end = feat_idx[0]
+        self.settled = feat_cache is not None and all(_same(before[i], feat_cache[i]) for i in range(start, self.end))
+        self.x, self.out = x, out
+        return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                      and torch.equal(a, b))
 
 
 def uint8_frames(video: torch.Tensor) -> np.ndarray:

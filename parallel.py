@@ -196,7 +196,8 @@ class ParallelWan:
         return time.perf_counter() - start
 
     def generate(self, job: Any, image: Any, progress: Callable[[str, int, int], None] | None = None,
-                 cancelled: Callable[[], bool] | None = None) -> tuple[Any, dict[str, float]]:
+                 cancelled: Callable[[], bool] | None = None,
+                 on_frames: Callable[[Any], None] | None = None) -> tuple[Any, dict[str, float]]:
         self.load()  # loaded already when ModelHandler.model handed this model out
         fetch_s = self._fetch_loras(job)  # once here, so that the other ranks find the files on disk
         buf = io.BytesIO()
@@ -204,7 +205,8 @@ class ParallelWan:
         self._send(("generate", job, buf.getvalue()))
         self._cancel = cancelled
         try:
-            frames, timings = self._together(lambda: self._generate(job, image, progress), transformer_runs=True)
+            frames, timings = self._together(lambda: self._generate(job, image, progress, on_frames),
+                                             transformer_runs=True)
         finally:
             self._cancel = None
         if fetch_s:
@@ -283,10 +285,11 @@ class ParallelWan:
         logging.getLogger("diffusers.hooks.context_parallel").setLevel(logging.ERROR)
         transformer.register_forward_pre_hook(self._before_transformer)
 
-    def _generate(self, job: Any, image: Any, progress: Callable[[str, int, int], None] | None) -> Any:
+    def _generate(self, job: Any, image: Any, progress: Callable[[str, int, int], None] | None,
+                  on_frames: Callable[[Any], None] | None = None) -> Any:
         # cancelled() reads the decision of the step-end exchange, the same on every rank, so WanModel
-        # raises its own JobCancelled on every rank at the same step.
-        return self._inner.generate(job, image, _best_effort(progress), lambda: self._cancel_now)
+        # raises its own JobCancelled on every rank at the same step. Only rank 0 encodes the frames.
+        return self._inner.generate(job, image, _best_effort(progress), lambda: self._cancel_now, on_frames)
 
     def _before_transformer(self, module: Any, args: Any) -> None:
         if self._ready_pending:  # the job's first transformer call: did every rank get this far?

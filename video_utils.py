@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import concurrent.futures
 import io
 import os
 import re
@@ -147,25 +148,59 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def frames_to_mp4(frames: np.ndarray, fps: int, crf: int = 18, preset: str = "veryfast") -> bytes:
-    """Encode (F, H, W, 3) frames as H.264 yuv420p MP4 with the moov atom first.
+class Mp4Stream:
+    """An H.264 yuv420p MP4 encoded while its frames arrive, so that x264 works while the VAE decodes.
 
-    Exactly one video frame per input frame at a constant `fps`; '+faststart' moves the index
-    to the front so browsers play the file while it downloads. H and W must be even. CRF sets
-    the quality; the x264 preset trades encode time for file size (MP4_PRESET).
+    Exactly one video frame per input frame at a constant `fps`; '+faststart' moves the index to
+    the front so browsers play the file while it downloads. H and W must be even. CRF sets the
+    quality; the x264 preset trades encode time for file size (MP4_PRESET). ffmpeg starts with the
+    first frames; leaving the `with` block without `finish()` stops it and keeps nothing.
     """
-    frames = to_uint8(frames)
-    _, height, width, _ = frames.shape
-    with tempfile.TemporaryDirectory(prefix="mp4-") as tmp:
-        path = os.path.join(tmp, "video.mp4")
-        writer = imageio_ffmpeg.write_frames(
-            path, (width, height), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
-            quality=None, macro_block_size=2, ffmpeg_log_level="error",
-            output_params=["-crf", str(crf), "-preset", preset, "-movflags", "+faststart"],
-        )
-        writer.send(None)
+
+    def __init__(self, width: int, height: int, fps: int, crf: int = 18, preset: str = "veryfast") -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="mp4-")
+        self._path = os.path.join(self._tmp.name, "video.mp4")
+        self._options = dict(size=(width, height), fps=fps, codec="libx264", pix_fmt_in="rgb24",
+                             pix_fmt_out="yuv420p", quality=None, macro_block_size=2, ffmpeg_log_level="error",
+                             output_params=["-crf", str(crf), "-preset", preset, "-movflags", "+faststart"])
+        self._writer = None
+        # Frames go to ffmpeg from a thread: the caller (the VAE's decode loop) goes on while ffmpeg reads them.
+        self._sender = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp4")
+        self._sent: list[concurrent.futures.Future] = []
+
+    def write(self, frames: np.ndarray) -> None:
+        """Queue (F, H, W, 3) frames, uint8 or float in [0, 1], behind those written before."""
+        self._sent.append(self._sender.submit(self._send, to_uint8(frames)))
+
+    def _send(self, frames: np.ndarray) -> None:
+        if self._writer is None:
+            self._writer = imageio_ffmpeg.write_frames(self._path, **self._options)
+            self._writer.send(None)
         for frame in frames:
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()
-        with open(path, "rb") as fh:
+            self._writer.send(np.ascontiguousarray(frame))
+
+    def finish(self) -> bytes:
+        """Wait for the frames to be encoded; the MP4's bytes."""
+        for sent in self._sent:
+            sent.result()  # raises what sending raised (ffmpeg gone, say)
+        if self._writer is None:
+            raise ValueError("an MP4 needs at least one frame")
+        self._writer.close()  # ffmpeg encodes the frames it still holds and writes the index
+        with open(self._path, "rb") as fh:
             return fh.read()
+
+    def __enter__(self) -> Mp4Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sender.shutdown(wait=True, cancel_futures=True)
+        if self._writer is not None:
+            self._writer.close()
+        self._tmp.cleanup()
+
+
+def frames_to_mp4(frames: np.ndarray, fps: int, crf: int = 18, preset: str = "veryfast") -> bytes:
+    """(F, H, W, 3) frames as an MP4 at once (see Mp4Stream)."""
+    with Mp4Stream(frames.shape[2], frames.shape[1], fps, crf, preset) as mp4:
+        mp4.write(frames)
+        return mp4.finish()

@@ -299,6 +299,9 @@ class Bench:
             e2e = time.perf_counter() - start
             if "error" in result:
                 raise RuntimeError(result["error"])
+            if "images" in result:  # what the random models draw, for `encode.py --image`
+                png = base64.b64decode(result["images"][0].split(",", 1)[1])
+                (self.args.out / f"{name}-{self.args.tag or self.mode}.png").write_bytes(png)
             timings, steps = result.get("timings", {}), validate_input(job_input, settings).num_inference_steps
             s_per_step = steps_cb.s_per_step()
             if s_per_step is None and job_input["mode"] == "video":  # no step hook: an upper bound

@@ -9,6 +9,7 @@
 #   attention    attention.py: float8 attention against SDPA at 32,760 tokens (ms, error)
 #   vae          vae.py: the Wan VAE's encode/decode in bf16 as diffusers runs it and as the worker does
 #   vae-float32  the same in float32 (the model card's VAE dtype)
+#   encode       encode.py: PNG and MP4 encoding on this host's CPU, and the PNG goals-sdxl's job made
 #   goals        bench.py --full (40 steps) with the speed switches: video81, forward, fast
 #   goals-fast   the same, the fast preset alone
 #   goals-sdxl   the same for SDXL's default job (image); builds the SDXL models if missing
@@ -36,6 +37,8 @@ run_step() {
     attention) cmd=(benchmarks/attention.py --out "$out/attention.json") ;;
     vae) cmd=(benchmarks/vae.py --out "$out/vae.json") ;;
     vae-float32) cmd=(benchmarks/vae.py --dtype float32 --out "$out/vae-float32.json") ;;
+    encode) cmd=(benchmarks/encode.py --out "$out/encode.json")
+            [[ -f $RES/goals-sdxl/image-sdxl.png ]] && cmd+=(--image "$RES/goals-sdxl/image-sdxl.png") ;;
     goals) cmd=(benchmarks/bench.py --full --only video81,forward,fast "${SPEED[@]}" --models "$MODELS") ;;
     goals-fast) cmd=(benchmarks/bench.py --full --only fast --tag fast "${SPEED[@]}" --models "$MODELS") ;;
     goals-sdxl) cmd=(benchmarks/bench.py --full --only image --tag sdxl "${SPEED[@]}" --models "$MODELS") ;;
@@ -57,7 +60,7 @@ run_step() {
       done ;;
     *) echo "unknown step $name" >> "$RES/progress.log"; return ;;
   esac
-  [[ $name == build || $name == attention || $name == vae* ]] || cmd+=(--out "$([[ $name == report ]] && echo "$RES" || echo "$out")")
+  [[ $name == build || $name == attention || $name == vae* || $name == encode ]] || cmd+=(--out "$([[ $name == report ]] && echo "$RES" || echo "$out")")
   echo "[$(date -u +%T)] start $name: ${cmd[*]}" >> "$RES/progress.log"
   python3 "${cmd[@]}" > "$out/log.txt" 2>&1
   local rc=$?

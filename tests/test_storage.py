@@ -281,13 +281,13 @@ def _break_mid_run(s3, use_bucket, monkeypatch):
     """A second S3 server that is up when the job starts and goes down after generation."""
     doomed = S3Server()
     use_bucket(bucket_env(doomed.endpoint))
-    encode = handler.frames_to_mp4
+    finish = handler.Mp4Stream.finish
 
-    def encode_then_stop(*args, **kwargs):
+    def encode_then_stop(stream):
         doomed.stop()
-        return encode(*args, **kwargs)
+        return finish(stream)
 
-    monkeypatch.setattr(handler, "frames_to_mp4", encode_then_stop)
+    monkeypatch.setattr(handler.Mp4Stream, "finish", encode_then_stop)
     return (r"EndpointConnectionError: Could not connect to the endpoint URL: "
             rf"\"{re.escape(doomed.endpoint)}/{BUCKET}/{{job}}/[0-9a-f]{{{{8}}}}/video\.mp4\"")
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ from media import probe_mp4
 from PIL import Image
 
 from model_handler import ModelHandler, plan_placement
-from schemas import SCHEDULERS, WAN_NEGATIVE_PROMPT, fit_area
+from schemas import SCHEDULERS, WAN_NEGATIVE_PROMPT, fit_area, validate_input
 
 VIDEO = {"mode": "video", "prompt": "a cat walks", "height": 64, "width": 96, "num_frames": 9,
          "num_inference_steps": 2, "fps": 12, "seed": 7}
@@ -113,27 +117,104 @@ def test_random_seed_is_returned_and_reproduces_the_output(run_job):
     assert np.array_equal(np.asarray(pngs(replay)[0]), np.asarray(pngs(result)[0]))
 
 
-def test_video_frames_equal_a_plain_diffusers_call(run_job, tiny_env):
-    """Parity: the worker adds nothing to what WanImageToVideoPipeline computes."""
+@contextmanager
+def encoder_convolutions(vae: torch.nn.Module) -> Iterator[list[int]]:
+    """Counts the 3D convolutions the VAE's encoder runs while inside."""
+    calls: list[int] = []
+    convs = [m for m in vae.encoder.modules() if isinstance(m, torch.nn.Conv3d)]
+    hooks = [conv.register_forward_hook(lambda *_: calls.append(1)) for conv in convs]
+    try:
+        yield calls
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_video_frames_equal_a_plain_diffusers_call(run_job, tiny_env, tiny_models):
+    """Parity: the worker adds nothing to what WanImageToVideoPipeline computes, though its VAE encoder skips
+    the work that repeats over the condition video's black frames (33 frames: some layers settle)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline
     from transformers import CLIPVisionModel
 
     # An input of the video's aspect ratio: the worker's crop-to-fill is then a plain resize.
-    result = run_job({**VIDEO, "image_url": png_b64(96, 64, seed=5), "flow_shift": 5.0})
+    with encoder_convolutions(tiny_models.model("video")[0].pipe.vae) as worker_convs:
+        result = run_job({**VIDEO, "num_frames": 33, "image_url": png_b64(96, 64, seed=5), "flow_shift": 5.0})
     model_id = tiny_env["WAN_MODEL_ID"]
     pipe = WanImageToVideoPipeline.from_pretrained(
         model_id, vae=AutoencoderKLWan.from_pretrained(model_id, subfolder="vae", dtype=torch.float32),
         image_encoder=CLIPVisionModel.from_pretrained(model_id, subfolder="image_encoder", dtype=torch.float32),
         dtype=torch.float32)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=5.0)
-    frames = pipe(image=png_image(96, 64, seed=5), prompt="a cat walks", negative_prompt=WAN_NEGATIVE_PROMPT,
-                  height=64, width=96, num_frames=9, num_inference_steps=2, guidance_scale=5.0,
-                  generator=torch.Generator("cpu").manual_seed(7), output_type="np").frames[0]
+    with encoder_convolutions(pipe.vae) as plain_convs:
+        frames = pipe(image=png_image(96, 64, seed=5), prompt="a cat walks", negative_prompt=WAN_NEGATIVE_PROMPT,
+                      height=64, width=96, num_frames=33, num_inference_steps=2, guidance_scale=5.0,
+                      generator=torch.Generator("cpu").manual_seed(7), output_type="np").frames[0]
     plain = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
     worker_frames = probe_mp4(decode_data_uri(result["video"], "video/mp4"))["pixels"]
     # The worker's frames went through H.264 (lossy); compare against the same encode of the plain frames.
     from video_utils import frames_to_mp4
     assert np.array_equal(worker_frames, probe_mp4(frames_to_mp4(plain, 12))["pixels"])
+    assert len(worker_convs) < len(plain_convs) == 142, (len(worker_convs), len(plain_convs))
+
+
+def test_the_mp4_encoder_gets_each_part_of_the_video_as_soon_as_the_vae_decodes_it(worker, tiny_models):
+    """x264 works while the VAE decodes: the first frame, then four per latent frame, each passed on before
+    the decoder makes the next part (the decoder's own calls are counted at each hand-over)."""
+    wan, _ = tiny_models.model("video")
+    job = validate_input({**VIDEO, "image_url": "-"}, worker.settings)
+    decoder_calls, handed_over = [], []
+    counter = wan.pipe.vae.decoder.register_forward_hook(lambda *_: decoder_calls.append(1))
+    try:
+        frames, _ = wan.generate(job, png_image(96, 64), on_frames=lambda f: handed_over.append(
+            (len(decoder_calls), f.copy())))
+    finally:
+        counter.remove()
+    assert [(calls, len(part)) for calls, part in handed_over] == [(1, 1), (2, 4), (3, 4)]
+    assert frames.shape == (9, 64, 96, 3) and np.array_equal(np.concatenate([p for _, p in handed_over]), frames)
+    # With VAE tiling (the lowvram profile) the decoder sees tiles: the frames come in one piece at the end.
+    wan.pipe.vae.enable_tiling()
+    try:
+        whole = []
+        tiled_profile_frames, _ = wan.generate(job, png_image(96, 64), on_frames=whole.append)
+    finally:
+        wan.pipe.vae.disable_tiling()
+    assert [len(part) for part in whole] == [9] and np.array_equal(tiled_profile_frames, frames)
+
+
+def _ffmpeg_children() -> list[str]:
+    """This process's child processes named ffmpeg-something (/proc/<pid>/stat reads "pid (name) state ppid")."""
+    names = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            head, tail = stat.read_text().rsplit(")", 1)
+        except (OSError, ValueError):
+            continue
+        name, ppid = head.split("(", 1)[1], int(tail.split()[1])
+        if ppid == os.getpid() and "ffmpeg" in name:
+            names.append(name)
+    return names
+
+
+def test_a_job_failing_while_the_vae_decodes_leaves_no_encoder_running_and_the_next_job_succeeds(
+        run_job, tiny_models):
+    wan, _ = tiny_models.model("video")
+    calls = []
+
+    def break_second_part(*_):
+        calls.append(1)
+        if len(calls) == 2:  # the first frame is with the encoder already
+            raise RuntimeError("decoder broke")
+
+    hook = wan.pipe.vae.decoder.register_forward_hook(break_second_part)
+    try:
+        failed = run_job({**VIDEO, "image_url": png_b64()})
+    finally:
+        hook.remove()
+    assert failed == {"error": "The job failed with an internal error (RuntimeError: decoder broke); "
+                               "the worker is ready for the next job."}
+    assert _ffmpeg_children() == []
+    video = probe_mp4(decode_data_uri(run_job({**VIDEO, "image_url": png_b64()})["video"], "video/mp4"))
+    assert video["frames"] == 9
 
 
 def test_images_equal_a_plain_sdxl_base_plus_refiner_call(run_job, tiny_env):
