@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -603,21 +603,40 @@ def channels_last_convs(module: torch.nn.Module) -> None:
 
 @contextmanager
 def reused_encoder_work(vae: torch.nn.Module) -> Iterator[None]:
-    """While inside, each layer of the Wan VAE's encoder skips work that would repeat its last output exactly.
+    """While inside, each `vae.encode` runs the Wan VAE's encoder layers skipping work that would repeat their
+    last output exactly.
 
     The video an I2V job encodes is its image followed by black frames. The encoder takes it four frames at
     a time and each layer keeps its last frames in a cache; once a layer's input repeats and its cache came
     out of its last call unchanged, it would compute the same values again, so it returns them instead. The
     early full-resolution layers settle within a few latent frames; the deep ones later or not at all.
     """
-    layers = [*vae.encoder.down_blocks, vae.encoder.mid_block]
-    for layer in layers:
-        layer.forward = _RepeatSkipping(layer.forward)
+    encode = vae.encode
+
+    def encode_skipping_repeats(*args: Any, **kwargs: Any) -> Any:
+        layers = [*vae.encoder.down_blocks, vae.encoder.mid_block]
+        # Wrappers live for one encode only: what they hold (a chunk's activations) is freed when it ends.
+        with ExitStack() as wrapped:
+            for layer in layers:
+                wrapped.enter_context(_replaced(layer, "forward", _RepeatSkipping(layer.forward)))
+            return encode(*args, **kwargs)
+
+    with _replaced(vae, "encode", encode_skipping_repeats):
+        yield
+
+
+@contextmanager
+def _replaced(obj: Any, name: str, value: Any) -> Iterator[None]:
+    """`obj.name` is `value` while inside; afterwards what it was (an instance attribute, or the class's)."""
+    had, old = name in vars(obj), vars(obj).get(name)
+    setattr(obj, name, value)
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward  # the class's forward again, and the held tensors freed
+        if had:
+            setattr(obj, name, old)
+        else:
+            delattr(obj, name)
 
 
 class _RepeatSkipping:
@@ -625,18 +644,23 @@ class _RepeatSkipping:
     change anything: the same input as last time, and its cache entries left unchanged by that last call."""
 
     def __init__(self, forward: Callable[..., torch.Tensor]) -> None:
-        self.forward, self.cache = forward, None
+        self.forward = forward
+        self.cache, self.x, self.out, self.settled, self.entries = None, None, None, False, 0
 
     def __call__(self, x: torch.Tensor, feat_cache: list | None = None, feat_idx: list[int] = [0]) -> torch.Tensor:  # noqa: B006 - diffusers' signature
-        if feat_cache is not self.cache:  # a new encode (or tile): start over
+        if feat_cache is None:  # no cache: nothing carries over between calls
+            return self.forward(x, feat_cache, feat_idx)
+        if feat_cache is not self.cache:  # a new tile of a tiled encode: start over
             self.cache, self.x, self.out, self.settled = feat_cache, None, None, False
         if self.settled and _same(x, self.x):
-            feat_idx[0] = self.end  # past this layer's cache entries, as its forward would leave it
+            feat_idx[0] += self.entries  # past this layer's cache entries, as its forward would leave it
             return self.out
-        start, before = feat_idx[0], list(feat_cache or [])
+        start = feat_idx[0]
+        before = feat_cache[start:]
         out = self.forward(x, feat_cache, feat_idx)
-        self.end = feat_idx[0]
-        self.settled = feat_cache is not None and all(_same(before[i], feat_cache[i]) for i in range(start, self.end))
+        self.entries = feat_idx[0] - start
+        after = feat_cache[start:feat_idx[0]]
+        self.settled = all(_same(a, b) for a, b in zip(before[:self.entries], after, strict=True))
         self.x, self.out = x, out
         return out
 

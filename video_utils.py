@@ -154,7 +154,7 @@ class Mp4Stream:
     Exactly one video frame per input frame at a constant `fps`; '+faststart' moves the index to
     the front so browsers play the file while it downloads. H and W must be even. CRF sets the
     quality; the x264 preset trades encode time for file size (MP4_PRESET). ffmpeg starts with the
-    first frames; leaving the `with` block without `finish()` stops it and keeps nothing.
+    first frames; leaving the `with` block without `finish()` lets it end and keeps nothing.
     """
 
     def __init__(self, width: int, height: int, fps: int, crf: int = 18, preset: str = "veryfast") -> None:
@@ -182,7 +182,10 @@ class Mp4Stream:
     def finish(self) -> bytes:
         """Wait for the frames to be encoded; the MP4's bytes."""
         for sent in self._sent:
-            sent.result()  # raises what sending raised (ffmpeg gone, say)
+            try:
+                sent.result()
+            except OSError as err:  # imageio-ffmpeg's message goes on with the whole ffmpeg command line
+                raise OSError(f"the MP4 encoder (ffmpeg) stopped: {str(err).splitlines()[0]}") from err
         if self._writer is None:
             raise ValueError("an MP4 needs at least one frame")
         self._writer.close()  # ffmpeg encodes the frames it still holds and writes the index

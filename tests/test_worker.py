@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -170,29 +172,41 @@ def test_the_mp4_encoder_gets_each_part_of_the_video_as_soon_as_the_vae_decodes_
     finally:
         counter.remove()
     assert [(calls, len(part)) for calls, part in handed_over] == [(1, 1), (2, 4), (3, 4)]
-    assert frames.shape == (9, 64, 96, 3) and np.array_equal(np.concatenate([p for _, p in handed_over]), frames)
-    # With VAE tiling (the lowvram profile) the decoder sees tiles: the frames come in one piece at the end.
+    # With VAE tiling on (the lowvram profile; its decoder would see tiles, not frames) no hook is set: the
+    # pipeline's own output becomes uint8 and goes on in one piece. The streamed parts are those frames.
     wan.pipe.vae.enable_tiling()
     try:
         whole = []
-        tiled_profile_frames, _ = wan.generate(job, png_image(96, 64), on_frames=whole.append)
+        pipeline_frames, _ = wan.generate(job, png_image(96, 64), on_frames=whole.append)
     finally:
         wan.pipe.vae.disable_tiling()
-    assert [len(part) for part in whole] == [9] and np.array_equal(tiled_profile_frames, frames)
+    assert [len(part) for part in whole] == [9]
+    assert frames.shape == (9, 64, 96, 3) and np.array_equal(np.concatenate([p for _, p in handed_over]),
+                                                              pipeline_frames)
 
 
-def _ffmpeg_children() -> list[str]:
-    """This process's child processes named ffmpeg-something (/proc/<pid>/stat reads "pid (name) state ppid")."""
-    names = []
+def _ffmpeg_children(pids: bool = False) -> list:
+    """This process's child processes named ffmpeg-something, or their pids (/proc/<pid>/stat reads
+    "pid (name) state ppid ...")."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             head, tail = stat.read_text().rsplit(")", 1)
         except (OSError, ValueError):
             continue
-        name, ppid = head.split("(", 1)[1], int(tail.split()[1])
-        if ppid == os.getpid() and "ffmpeg" in name:
-            names.append(name)
-    return names
+        pid, name = head.split(" (", 1)
+        if int(tail.split()[1]) == os.getpid() and "ffmpeg" in name:
+            found.append(int(pid) if pids else name)
+    return found
+
+
+def _wait_for(condition, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_a_job_failing_while_the_vae_decodes_leaves_no_encoder_running_and_the_next_job_succeeds(
@@ -202,7 +216,8 @@ def test_a_job_failing_while_the_vae_decodes_leaves_no_encoder_running_and_the_n
 
     def break_second_part(*_):
         calls.append(1)
-        if len(calls) == 2:  # the first frame is with the encoder already
+        if len(calls) == 2:  # the first frame is with the encoder: wait until ffmpeg runs, then fail
+            assert _wait_for(_ffmpeg_children), "ffmpeg never started"
             raise RuntimeError("decoder broke")
 
     hook = wan.pipe.vae.decoder.register_forward_hook(break_second_part)
@@ -215,6 +230,45 @@ def test_a_job_failing_while_the_vae_decodes_leaves_no_encoder_running_and_the_n
     assert _ffmpeg_children() == []
     video = probe_mp4(decode_data_uri(run_job({**VIDEO, "image_url": png_b64()})["video"], "video/mp4"))
     assert video["frames"] == 9
+
+
+def test_a_job_whose_mp4_encoder_dies_says_so_and_the_next_job_succeeds(run_job, tiny_models):
+    wan, _ = tiny_models.model("video")
+    calls = []
+
+    def kill_ffmpeg_after_the_first_part(*_):
+        calls.append(1)
+        if len(calls) == 2:
+            assert _wait_for(_ffmpeg_children), "ffmpeg never started"
+            for pid in _ffmpeg_children(pids=True):
+                os.kill(pid, signal.SIGKILL)
+
+    hook = wan.pipe.vae.decoder.register_forward_hook(kill_ffmpeg_after_the_first_part)
+    try:
+        failed = run_job({**VIDEO, "image_url": png_b64()})
+    finally:
+        hook.remove()
+    assert failed == {"error": "The job failed with an internal error (OSError: the MP4 encoder (ffmpeg) stopped: "
+                               "[Errno 32] Broken pipe); the worker is ready for the next job."}
+    video = probe_mp4(decode_data_uri(run_job({**VIDEO, "image_url": png_b64()})["video"], "video/mp4"))
+    assert video["frames"] == 9
+
+
+def test_the_encoder_skipping_repeated_work_gives_the_same_latents_with_less_work(tiny_models):
+    """The I2V condition (an image, then black frames) encoded by the worker's VAE with and without the
+    skipping: the same latents, bit for bit, from fewer convolutions."""
+    from model_handler import reused_encoder_work
+
+    vae = tiny_models.model("video")[0].pipe.vae
+    image = torch.from_numpy(np.asarray(png_image(64, 64), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+    video = torch.cat([image[None, :, None], torch.zeros(1, 3, 32, 64, 64)], dim=2)
+    with torch.no_grad():
+        with encoder_convolutions(vae) as plain_convs:
+            plain = vae.encode(video).latent_dist.mode()
+        with reused_encoder_work(vae), encoder_convolutions(vae) as skipping_convs:
+            skipping = vae.encode(video).latent_dist.mode()
+    assert torch.equal(skipping, plain)
+    assert len(skipping_convs) < len(plain_convs), (len(skipping_convs), len(plain_convs))
 
 
 def test_images_equal_a_plain_sdxl_base_plus_refiner_call(run_job, tiny_env):
