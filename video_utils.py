@@ -185,7 +185,7 @@ class Mp4Stream:
             try:
                 sent.result()
             except OSError as err:  # imageio-ffmpeg's message goes on with the whole ffmpeg command line
-                raise OSError(f"the MP4 encoder (ffmpeg) stopped: {str(err).splitlines()[0]}") from err
+                raise OSError(f"the MP4 encoder (ffmpeg) failed: {str(err).splitlines()[0]}") from err
         if self._writer is None:
             raise ValueError("an MP4 needs at least one frame")
         self._writer.close()  # ffmpeg encodes the frames it still holds and writes the index

@@ -391,5 +391,5 @@ def test_jobs_leave_no_temporary_files(s3, use_bucket, run_job, monkeypatch, tmp
         raise OSError("disk full")
 
     monkeypatch.setattr(video_utils.imageio_ffmpeg, "write_frames", crash_midway)
-    assert "OSError: disk full" in run_job(job)["error"]  # encoding failed with a partial file on disk
+    assert "OSError: the MP4 encoder (ffmpeg) failed: disk full" in run_job(job)["error"]  # a partial file on disk
     assert os.listdir(tmp) == []

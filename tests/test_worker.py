@@ -248,7 +248,7 @@ def test_a_job_whose_mp4_encoder_dies_says_so_and_the_next_job_succeeds(run_job,
         failed = run_job({**VIDEO, "image_url": png_b64()})
     finally:
         hook.remove()
-    assert failed == {"error": "The job failed with an internal error (OSError: the MP4 encoder (ffmpeg) stopped: "
+    assert failed == {"error": "The job failed with an internal error (OSError: the MP4 encoder (ffmpeg) failed: "
                                "[Errno 32] Broken pipe); the worker is ready for the next job."}
     video = probe_mp4(decode_data_uri(run_job({**VIDEO, "image_url": png_b64()})["video"], "video/mp4"))
     assert video["frames"] == 9
