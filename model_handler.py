@@ -666,8 +666,7 @@ class _RepeatSkipping:
 
 
 def _same(a: Any, b: Any) -> bool:
-    return a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                      and torch.equal(a, b))
+    return a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b))
 
 
 def uint8_frames(video: torch.Tensor) -> np.ndarray:

@@ -141,13 +141,6 @@ def data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def to_uint8(frames: np.ndarray) -> np.ndarray:
-    """Pipeline frames in [0, 1] float -> uint8 RGB."""
-    if frames.dtype == np.uint8:
-        return frames
-    return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-
-
 class Mp4Stream:
     """An H.264 yuv420p MP4 encoded while its frames arrive, so that x264 works while the VAE decodes.
 
@@ -169,8 +162,10 @@ class Mp4Stream:
         self._sent: list[concurrent.futures.Future] = []
 
     def write(self, frames: np.ndarray) -> None:
-        """Queue (F, H, W, 3) frames, uint8 or float in [0, 1], behind those written before."""
-        self._sent.append(self._sender.submit(self._send, to_uint8(frames)))
+        """Queue (F, H, W, 3) uint8 RGB frames behind those written before."""
+        if frames.dtype != np.uint8:  # ffmpeg would read float bytes as pixels
+            raise ValueError(f"MP4 frames must be uint8, got {frames.dtype}")
+        self._sent.append(self._sender.submit(self._send, frames))
 
     def _send(self, frames: np.ndarray) -> None:
         if self._writer is None:
@@ -203,7 +198,7 @@ class Mp4Stream:
 
 
 def frames_to_mp4(frames: np.ndarray, fps: int, crf: int = 18, preset: str = "veryfast") -> bytes:
-    """(F, H, W, 3) frames as an MP4 at once (see Mp4Stream)."""
+    """(F, H, W, 3) uint8 frames as an MP4 at once (see Mp4Stream)."""
     with Mp4Stream(frames.shape[2], frames.shape[1], fps, crf, preset) as mp4:
         mp4.write(frames)
         return mp4.finish()

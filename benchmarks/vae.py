@@ -26,9 +26,14 @@ from bench import input_image, meta  # also puts the worker's modules on the pat
 
 from download_weights import random_component
 from model_handler import channels_last_convs, reused_encoder_work, uint8_frames
-from video_utils import frames_to_mp4, to_uint8
+from video_utils import frames_to_mp4
 
 VARIANTS = ("default", "channels_last", "worker", "cudnn_benchmark", "channels_last_benchmark", "compiled")
+
+
+def numpy_uint8(frames: np.ndarray) -> np.ndarray:
+    """Frames in [0, 1] -> uint8 in numpy: what the worker did after output_type="np" before uint8_frames."""
+    return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
 def timed(fn, runs: int = 3) -> tuple[torch.Tensor, float, float]:
@@ -58,7 +63,7 @@ def main() -> None:
     results = {**meta("vae.py", sys.argv[1:]), "dtype": args.dtype, "variants": {}}
     # Frames: a moving picture, as the pipeline's decoded tensor (B, C, F, H, W) in [-1, 1].
     frames = torch.stack([torch.roll(image, 4 * i, dims=1) for i in range(81)]).permute(3, 0, 1, 2)[None].cuda()
-    _, _, np_s = timed(lambda: to_uint8((frames / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 3, 0).float().cpu().numpy()))
+    _, _, np_s = timed(lambda: numpy_uint8((frames / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 3, 0).float().cpu().numpy()))
     uint8, _, gpu_s = timed(lambda: uint8_frames((frames[0] / 2 + 0.5).clamp(0, 1).transpose(0, 1)))
     start = time.perf_counter()
     mp4 = frames_to_mp4(uint8, 16)

@@ -209,22 +209,30 @@ def _wait_for(condition, timeout_s: float = 20.0) -> bool:
     return True
 
 
-def test_a_job_failing_while_the_vae_decodes_leaves_no_encoder_running_and_the_next_job_succeeds(
-        run_job, tiny_models):
-    wan, _ = tiny_models.model("video")
+def _job_failing_at_the_second_decoded_part(run_job, wan, fail) -> dict:
+    """Runs a video job whose VAE decoder calls `fail` as it makes its second part of the video: the first
+    part is with the MP4 encoder by then (waited for until ffmpeg runs)."""
     calls = []
 
-    def break_second_part(*_):
+    def second_part(*_):
         calls.append(1)
-        if len(calls) == 2:  # the first frame is with the encoder: wait until ffmpeg runs, then fail
+        if len(calls) == 2:
             assert _wait_for(_ffmpeg_children), "ffmpeg never started"
-            raise RuntimeError("decoder broke")
+            fail()
 
-    hook = wan.pipe.vae.decoder.register_forward_hook(break_second_part)
+    hook = wan.pipe.vae.decoder.register_forward_hook(second_part)
     try:
-        failed = run_job({**VIDEO, "image_url": png_b64()})
+        return run_job({**VIDEO, "image_url": png_b64()})
     finally:
         hook.remove()
+
+
+def test_a_job_failing_while_the_vae_decodes_leaves_no_encoder_running_and_the_next_job_succeeds(
+        run_job, tiny_models):
+    def decoder_breaks():
+        raise RuntimeError("decoder broke")
+
+    failed = _job_failing_at_the_second_decoded_part(run_job, tiny_models.model("video")[0], decoder_breaks)
     assert failed == {"error": "The job failed with an internal error (RuntimeError: decoder broke); "
                                "the worker is ready for the next job."}
     assert _ffmpeg_children() == []
@@ -233,21 +241,11 @@ def test_a_job_failing_while_the_vae_decodes_leaves_no_encoder_running_and_the_n
 
 
 def test_a_job_whose_mp4_encoder_dies_says_so_and_the_next_job_succeeds(run_job, tiny_models):
-    wan, _ = tiny_models.model("video")
-    calls = []
+    def kill_ffmpeg():
+        for pid in _ffmpeg_children(pids=True):
+            os.kill(pid, signal.SIGKILL)
 
-    def kill_ffmpeg_after_the_first_part(*_):
-        calls.append(1)
-        if len(calls) == 2:
-            assert _wait_for(_ffmpeg_children), "ffmpeg never started"
-            for pid in _ffmpeg_children(pids=True):
-                os.kill(pid, signal.SIGKILL)
-
-    hook = wan.pipe.vae.decoder.register_forward_hook(kill_ffmpeg_after_the_first_part)
-    try:
-        failed = run_job({**VIDEO, "image_url": png_b64()})
-    finally:
-        hook.remove()
+    failed = _job_failing_at_the_second_decoded_part(run_job, tiny_models.model("video")[0], kill_ffmpeg)
     assert failed == {"error": "The job failed with an internal error (OSError: the MP4 encoder (ffmpeg) failed: "
                                "[Errno 32] Broken pipe); the worker is ready for the next job."}
     video = probe_mp4(decode_data_uri(run_job({**VIDEO, "image_url": png_b64()})["video"], "video/mp4"))
