@@ -47,8 +47,9 @@ ENV HF_HOME=/runpod-volume/huggingface-cache \
 # (tests/test_deploy.py fails when a module is missing here). .dockerignore keeps tests,
 # benchmarks and local caches out of the build context.
 WORKDIR /app
-COPY handler.py model_handler.py schemas.py settings.py storage.py video_utils.py fetch.py loras.py parallel.py \
-     download_weights.py test_input.json ./
+COPY handler.py jobs.py plan.py errors.py logs.py model_handler.py schemas.py settings.py storage.py video_utils.py \
+     fetch.py loras.py parallel.py download_weights.py test_input.json ./
+COPY models/ ./models/
 
 # Optional: bake weights into the image ("sdxl", "wan" or "all"); the worker finds them in
 # /models/<name> (MODEL_DIR) before looking at the HF cache. Wan is re-saved in bf16 on the way,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from schemas import InputError, shorten
+from errors import InputError, shorten
 
 _CHUNK = 64 * 1024
 

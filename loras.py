@@ -32,8 +32,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from errors import InputError, shorten
 from fetch import Refusals, stream_url
-from schemas import InputError, LoraSpec, shorten
+from schemas import LoraSpec
 
 log = logging.getLogger("worker")
 KEEP_LOADED = 4  # adapters kept loaded per pipeline beyond the job's own (least recently used dropped)

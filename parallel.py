@@ -1,13 +1,15 @@
 """Several GPUs per worker: one Wan2.1 video spread over all of them with Ulysses context parallelism.
 
-With NUM_GPUS=N above 1, `handler.main` calls `start(settings, models)` once, before RunPod starts:
-it launches one follower process per extra GPU (ranks 1..N-1, `python -c "import parallel;
-parallel.follower_main()"`), joins them in torch.distributed (NCCL for the GPUs' tensors, gloo for
-the small control messages; gloo alone on CPU) and puts `ParallelWan` in place of `models.wan`.
-Rank 0 keeps running the RunPod handler. Each video job is sent to every rank; every rank runs
-the ordinary `WanModel.generate` with the transformer in Ulysses context parallelism (each GPU
-holds the whole model and computes attention for 1/N of the heads over the whole sequence, the
-rest for 1/N of the tokens), and rank 0 encodes and delivers. Image jobs run on rank 0 alone.
+With NUM_GPUS=N above 1, `ModelHandler` calls `start(plan, wan)` once, at start-up, and holds the
+`ParallelWan` it returns as its video model: the same `VideoModel` interface as `WanModel`. It
+launches one follower process per extra GPU (ranks 1..N-1, `python -c "import parallel;
+parallel.follower_main()"`) and joins them in torch.distributed (NCCL for the GPUs' tensors, gloo
+for the small control messages; gloo alone on CPU). Rank 0 keeps running the RunPod handler. Each
+video job is sent to every rank (the checked job and its first frame as PNG, not the request's
+image data); every rank runs the ordinary `WanModel.generate` with the transformer in Ulysses
+context parallelism (each GPU holds the whole model and computes attention for 1/N of the heads
+over the whole sequence, the rest for 1/N of the tokens), and rank 0 encodes and delivers. Image
+jobs run on rank 0 alone. Which setups can run at all is decided by plan.decide.
 
 Keeping the ranks in step, so that a failure never hangs the worker:
 - Every job ends with an exchange of one status per rank (ok, cancelled, or the error sentence),
@@ -38,13 +40,21 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 
-from settings import SettingsError
+import logs
+from errors import GenerationError, InputError, JobCancelled, first_line
+from models.base import Cancelled, Progress
+from models.wan import Frames, WanModel
+from plan import Plan
+from schemas import VideoJob
 
 log = logging.getLogger("worker")
 ROOT = Path(__file__).resolve().parent
@@ -62,47 +72,23 @@ _READY, _STEP, _DONE = 1, 2, 3  # where in a job an exchange happens
 _OK, _CANCELLED, _FAILED, _INTERNAL, _PEER = 0, 1, 2, 3, 4  # a rank's status
 
 
-class ParallelError(SettingsError):
-    """NUM_GPUS asks for something this machine or configuration cannot do; str(err) is one sentence."""
-
-
 class _PeerFailed(Exception):
     """Another rank failed before the transformer ran; this rank stops too (its status says so)."""
 
 
-def check(settings: Any) -> str:
-    """The device type the ranks run on ("cuda" or "cpu"); raises ParallelError for an impossible setup."""
-    n = settings.num_gpus
-    if settings.wan_compile:
-        # diffusers 0.42.1 does not support torch.compile under context parallelism (its own CLI skips
-        # compilation with --context-parallel), and the variable-length exchanges break fullgraph tracing.
-        raise ParallelError(f"NUM_GPUS={n} cannot be combined with WAN_COMPILE=1 yet (diffusers' context "
-                            f"parallelism does not support torch.compile); unset one of them.")
-    if torch.cuda.is_available():
-        visible = torch.cuda.device_count()
-        if n > visible:
-            raise ParallelError(f"NUM_GPUS is {n} but this machine has {visible} GPU(s) visible; set NUM_GPUS "
-                                f"to at most {visible} (or give the endpoint {n} GPUs per worker).")
-        return "cuda"
-    # No GPU: the same code on N CPU processes (gloo). Slower than one process; it exists for the tests.
-    log.warning("NUM_GPUS=%d on a machine without CUDA: %d CPU processes share each video (tests only; slower "
-                "than one process)", n, n)
-    return "cpu"
-
-
-def start(settings: Any, models: Any) -> None:
-    """Rank 0: start the followers, join them and put `ParallelWan` in place of `models.wan`.
+def start(plan: Plan, wan: WanModel) -> ParallelWan:
+    """Rank 0: start the followers and join them; returns the video model that runs on every rank.
 
     Call it from the main thread (followers die when the thread that started them exits).
     """
-    world, device_type = settings.num_gpus, check(settings)
-    if models.wan.fp8 and not models.placement.keep_both:
-        # Float8 Wan is unloaded for image jobs, and enabling context parallelism again is collective.
-        raise ParallelError(f"NUM_GPUS={world} with WAN_FP8=1 needs GPUs that hold Wan and SDXL together "
-                            f"(80 GB); unset WAN_FP8 or give the endpoint larger GPUs.")
-    if models.wan.placement.wan_profile != "full":
+    world = plan.settings.num_gpus
+    device_type = plan.device.type
+    if device_type == "cpu":  # the same code on N CPU processes (gloo); slower than one process, for the tests
+        log.warning("NUM_GPUS=%d on a machine without CUDA: %d CPU processes share each video (tests only; slower "
+                    "than one process)", world, world)
+    if plan.placement.wan_profile != "full":
         log.warning("Wan runs with the %s profile on each GPU: context parallelism with offloading has not been "
-                    "tested", models.wan.placement.wan_profile)
+                    "tested", plan.placement.wan_profile)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (ranks of one host)
     port = _free_port()
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
@@ -113,11 +99,12 @@ def start(settings: Any, models: Any) -> None:
     watchdog = _Watchdog(followers)
     watchdog.start()  # before joining: a follower that fails to start must not leave rank 0 waiting
     group = _join(0, world, port, device_type)
-    dist.broadcast_object_list([settings], src=0, group=group.jobs)  # followers use exactly these settings
-    models.wan = ParallelWan(models.wan, group, watchdog=watchdog)
-    atexit.register(models.wan.stop)
+    dist.broadcast_object_list([plan], src=0, group=group.jobs)  # followers run exactly this plan
+    runner = ParallelWan(wan, group, watchdog=watchdog)
+    atexit.register(runner.stop)
     log.info("context parallelism: %d ranks on %s (Ulysses degree %d), follower pids %s", world, device_type, world,
              [p.pid for p in followers])
+    return runner
 
 
 def follower_main() -> None:
@@ -132,13 +119,10 @@ def follower_main() -> None:
     group = _join(rank, world, int(os.environ["MASTER_PORT"]), device_type)
     box: list[Any] = [None]
     dist.broadcast_object_list(box, src=0, group=group.jobs)
-    settings = box[0]
-    from handler import quiet_third_party
-    from model_handler import ModelHandler
-
-    models = ModelHandler(settings, device=f"cuda:{rank}" if device_type == "cuda" else "cpu")
-    quiet_third_party(uses_torchao=models.wan.fp8)
-    wan = ParallelWan(models.wan, group, models=models)
+    plan: Plan = box[0]
+    logs.quiet_third_party(uses_torchao=plan.settings.wan_fp8)
+    device = torch.device(f"cuda:{rank}" if device_type == "cuda" else "cpu")
+    wan = ParallelWan(WanModel(plan.settings, device, plan.placement), group)
     while True:
         dist.broadcast_object_list(box, src=0, group=group.jobs)
         if box[0][0] == "stop":
@@ -168,22 +152,28 @@ def _join(rank: int, world: int, port: int, device_type: str) -> _Group:
 
 
 class ParallelWan:
-    """WanModel's interface (load, generate) on every rank at once; on rank 0 it stands in for WanModel.
+    """The `VideoModel` interface (models.wan) on every rank at once: rank 0 holds it as its video model and
+    each follower runs what rank 0 sends. Parking and placing concern rank 0's GPU alone."""
 
-    Attributes it does not define (placement, compiled, park, resident, pipe, ...) are rank 0's WanModel's.
-    """
+    name = "wan"
+    compiled = False  # plan.decide refuses WAN_COMPILE with NUM_GPUS > 1
 
-    def __init__(self, inner: Any, group: _Group, watchdog: _Watchdog | None = None, models: Any = None) -> None:
-        self._inner, self._group, self._watchdog, self._models = inner, group, watchdog, models
+    def __init__(self, inner: WanModel, group: _Group, watchdog: _Watchdog | None = None) -> None:
+        self._inner, self._group, self._watchdog = inner, group, watchdog
         self._parallel = False  # the transformer runs in context parallelism on every rank
         self._ready_pending = False  # this job's first transformer call has not exchanged statuses yet
-        self._cancel: Callable[[], bool] | None = None  # rank 0: the job's cancelled()
+        self._cancel: Cancelled | None = None  # rank 0: the job's cancelled()
         self._cancel_now = False  # what the last step-end exchange decided
         self._stopped = False
-        inner.on_step = self._step_end
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+    def park(self) -> None:
+        self._inner.park()
+
+    def resident(self) -> None:
+        self._inner.resident()
+
+    def warm_up(self) -> float:
+        return 0.0  # nothing compiled to warm up (see `compiled`)
 
     # ------------------------------------------------------------------ rank 0
     def load(self) -> float:
@@ -195,14 +185,15 @@ class ParallelWan:
         self._load_everywhere()
         return time.perf_counter() - start
 
-    def generate(self, job: Any, image: Any, progress: Callable[[str, int, int], None] | None = None,
-                 cancelled: Callable[[], bool] | None = None,
-                 on_frames: Callable[[Any], None] | None = None) -> tuple[Any, dict[str, float]]:
+    def generate(self, job: VideoJob, image: Image.Image, progress: Progress | None = None,
+                 cancelled: Cancelled | None = None, on_frames: Frames | None = None,
+                 ) -> tuple[np.ndarray, dict[str, float]]:
         self.load()  # loaded already when ModelHandler.model handed this model out
         fetch_s = self._fetch_loras(job)  # once here, so that the other ranks find the files on disk
         buf = io.BytesIO()
         image.save(buf, format="PNG")  # lossless: every rank starts from the same pixels
-        self._send(("generate", job, buf.getvalue()))
+        # The ranks need the checked job and its first frame, not the request's image data (up to 28 M characters).
+        self._send(("generate", replace(job, image_url=""), buf.getvalue()))
         self._cancel = cancelled
         try:
             frames, timings = self._together(lambda: self._generate(job, image, progress, on_frames),
@@ -229,7 +220,7 @@ class ParallelWan:
     def _send(self, message: tuple) -> None:
         dist.broadcast_object_list([message], src=0, group=self._group.jobs)
 
-    def _fetch_loras(self, job: Any) -> float:
+    def _fetch_loras(self, job: VideoJob) -> float:
         loaded = self._inner.loras.loaded if self._inner.loras else {}
         specs = [spec for spec in job.loras if spec.kind != "local" and spec.adapter_name not in loaded]
         if not specs:
@@ -242,8 +233,6 @@ class ParallelWan:
     # ------------------------------------------------------------- followers
     def follow(self, message: tuple) -> None:
         """Run one message from rank 0 (its failures are reported to rank 0, never raised here)."""
-        from PIL import Image
-
         kind = message[0]
         if kind == "load":
             self._load_everywhere()
@@ -263,10 +252,8 @@ class ParallelWan:
         self._parallel = True
 
     def _load_here(self) -> None:
-        if self._models is not None:  # a follower: load and place as ModelHandler does
-            self._models.model("video")
-        else:  # rank 0, called from its ModelHandler.model, which then places the model itself
-            self._inner.load()
+        self._inner.load()
+        self._inner.resident()
 
     def _enable_parallelism(self) -> None:
         import transformers  # noqa: F401 - diffusers' context-parallel hooks log with warning_once, which it adds
@@ -285,11 +272,12 @@ class ParallelWan:
         logging.getLogger("diffusers.hooks.context_parallel").setLevel(logging.ERROR)
         transformer.register_forward_pre_hook(self._before_transformer)
 
-    def _generate(self, job: Any, image: Any, progress: Callable[[str, int, int], None] | None,
-                  on_frames: Callable[[Any], None] | None = None) -> Any:
+    def _generate(self, job: VideoJob, image: Image.Image, progress: Progress | None,
+                  on_frames: Frames | None = None) -> tuple[np.ndarray, dict[str, float]]:
         # cancelled() reads the decision of the step-end exchange, the same on every rank, so WanModel
         # raises its own JobCancelled on every rank at the same step. Only rank 0 encodes the frames.
-        return self._inner.generate(job, image, _best_effort(progress), lambda: self._cancel_now, on_frames)
+        return self._inner.generate(job, image, _best_effort(progress), lambda: self._cancel_now, on_frames,
+                                    on_step=self._step_end)
 
     def _before_transformer(self, module: Any, args: Any) -> None:
         if self._ready_pending:  # the job's first transformer call: did every rank get this far?
@@ -306,9 +294,6 @@ class ParallelWan:
     def _together(self, work: Callable[[], Any], transformer_runs: bool = False,
                   timeout: float = STEP_TIMEOUT_S) -> Any:
         """Run `work` on this rank, exchange every rank's status, and on rank 0 return or raise for them all."""
-        from model_handler import GenerationError, JobCancelled
-        from schemas import InputError
-
         self._ready_pending, self._cancel_now = transformer_runs, False
         result, error, code, text = None, None, _OK, ""
         try:
@@ -321,8 +306,7 @@ class ParallelWan:
             error, code, text = err, _FAILED, str(err)
         except Exception as err:  # noqa: BLE001 - reported to rank 0, which answers the job with it
             log.exception("rank %d: the job failed", self._group.rank)
-            detail = str(err).splitlines()[0][:200] if str(err) else ""
-            error, code, text = err, _INTERNAL, f"{type(err).__name__}: {detail}"
+            error, code, text = err, _INTERNAL, f"{type(err).__name__}: {first_line(err)}"
         if self._ready_pending:  # failed before the transformer: the others wait for this rank's word there
             self._ready_pending = False
             self._exchange(_READY, code, text, timeout)
@@ -367,7 +351,7 @@ class ParallelWan:
         return statuses
 
 
-def _best_effort(progress: Callable[[str, int, int], None] | None) -> Callable[[str, int, int], None] | None:
+def _best_effort(progress: Progress | None) -> Progress | None:
     """Progress reports that cannot fail the job: a rank that raised mid-step would leave the others waiting."""
     if progress is None:
         return None

@@ -23,14 +23,23 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlparse
 
+from errors import InputError, shorten
 from settings import Settings
 
 MODES = ("image", "video")
-# worker-sdxl's seven schedulers plus two common modern ones; each applies to base and refiner.
-SCHEDULERS = (
-    "DDIM", "PNDM", "KLMS", "K_EULER", "K_EULER_ANCESTRAL", "DPMSolverMultistep",
-    "DPMSolverSinglestep", "DPMSolverMultistep_Karras", "UniPC",
-)
+# worker-sdxl's seven schedulers plus two common modern ones, each applied to base and refiner: the name a
+# request gives -> diffusers' scheduler class and the options that make it that sampler.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "DDIM": ("DDIMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "KLMS": ("LMSDiscreteScheduler", {}),
+    "K_EULER": ("EulerDiscreteScheduler", {}),
+    "K_EULER_ANCESTRAL": ("EulerAncestralDiscreteScheduler", {}),
+    "DPMSolverMultistep": ("DPMSolverMultistepScheduler", {}),
+    "DPMSolverSinglestep": ("DPMSolverSinglestepScheduler", {}),
+    "DPMSolverMultistep_Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+}
 # Wan2.1's official negative prompt (shared_config.sample_neg_prompt); UMT5 reads Chinese.
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -52,10 +61,6 @@ VIDEO_PRESETS: dict[str, dict[str, Any]] = {
     "quality": {},
     "fast": {"num_inference_steps": 4, "guidance_scale": 1.0, "flow_shift": 5.0},
 }
-
-
-class InputError(ValueError):
-    """A request the worker refuses; str(err) is the one sentence the user sees."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,7 @@ IMAGE_FIELDS: dict[str, Param] = {
     "width": Param(int, "Image width in pixels.", default=1024, minimum=IMAGE_SIDES[0], maximum=IMAGE_SIDES[1],
                    multiple_of=8),
     "seed": SEED,
-    "scheduler": Param(str, "Sampler used by both base and refiner.", default="DDIM", choices=SCHEDULERS),
+    "scheduler": Param(str, "Sampler used by both base and refiner.", default="DDIM", choices=tuple(SCHEDULERS)),
     "num_inference_steps": Param(int, "Denoising steps of the base model's schedule (at least 2: the base "
                                       "model runs the first high_noise_frac of them).", default=25,
                                  minimum=2, maximum=150),
@@ -188,15 +193,6 @@ VIDEO_FIELDS: dict[str, Param] = {
 }
 
 INPUT_SCHEMA: dict[str, dict[str, Param]] = {"image": IMAGE_FIELDS, "video": VIDEO_FIELDS}
-
-
-def shorten(value: Any, limit: int = 60) -> str:
-    """A value as the user sent it, cut short so an error never echoes a whole payload."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    count = len(value) if isinstance(value, str) else len(text)  # a string's own length, not its repr's
-    return f"{text[:limit]}... ({count:,} characters)"
 
 
 def _kind(value: Any) -> str:

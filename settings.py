@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlparse
 
+from errors import SettingsError
+
 DEFAULT_SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_SDXL_REFINER_ID = "stabilityai/stable-diffusion-xl-refiner-1.0"
 DEFAULT_SDXL_VAE_ID = "madebyollin/sdxl-vae-fp16-fix"
@@ -22,10 +24,6 @@ DEFAULT_WAN_MODEL_ID = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 RUNPOD_LOG_LEVELS = ("NOTSET", "TRACE", "DEBUG", "INFO", "WARN", "ERROR")  # runpod's RunPodLogger accepts these
 BUCKET_VARS = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY")
-
-
-class SettingsError(ValueError):
-    """The environment describes a configuration the worker cannot run with."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +185,13 @@ def _flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
     raise SettingsError(f"{name} must be 1 or 0, got {raw!r}.")
 
 
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if not value > 0:
+        raise SettingsError(f"{name} must be a number above 0, got {env.get(name)!r}.")
+    return value
+
+
 def _gib(env: Mapping[str, str], name: str, default: int) -> int:
     """A size given in GB (decimals allowed), as bytes."""
     value = _float(env, name, default / 1024**3)
@@ -196,20 +201,14 @@ def _gib(env: Mapping[str, str], name: str, default: int) -> int:
 
 
 def _lora_settings(env: Mapping[str, str]) -> dict:
-    """Where LoRA files may come from and where downloads are cached."""
-    from schemas import InputError, parse_source  # import here: schemas imports settings
-
+    """Where LoRA files may come from and where downloads are cached (WAN_FAST_LORA's form is checked by
+    plan.decide, with the request's own LoRA rules)."""
     volume = Path("/runpod-volume")
     default_cache = str(volume / "lora-cache") if volume.is_dir() else Settings.lora_cache_dir
     cache_dir = env.get("LORA_CACHE_DIR") or default_cache
     hf_home = env.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
     roots = tuple(dict.fromkeys([env.get("MODEL_DIR") or "/models", str(volume), hf_home, cache_dir]))
     fast = env.get("WAN_FAST_LORA", "").strip() or None
-    if fast:
-        try:
-            parse_source(fast, "WAN_FAST_LORA", roots)
-        except InputError as err:
-            raise SettingsError(str(err)) from None
     return dict(lora_cache_dir=cache_dir, lora_cache_bytes=_gib(env, "LORA_CACHE_GB", Settings.lora_cache_bytes),
                 lora_max_bytes=_gib(env, "LORA_MAX_GB", Settings.lora_max_bytes),
                 lora_fuse=_flag(env, "LORA_FUSE"), lora_roots=roots, wan_fast_lora=fast)
@@ -261,7 +260,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", Settings.max_image_pixels),
         max_input_image_bytes=_int(env, "MAX_INPUT_IMAGE_BYTES", Settings.max_input_image_bytes),
         max_input_image_pixels=_int(env, "MAX_INPUT_IMAGE_PIXELS", Settings.max_input_image_pixels),
-        fetch_timeout_s=_float(env, "FETCH_TIMEOUT_S", Settings.fetch_timeout_s) or Settings.fetch_timeout_s,
+        fetch_timeout_s=_positive(env, "FETCH_TIMEOUT_S", Settings.fetch_timeout_s),
         memory_profile=profile,
         wan_fp8=_flag(env, "WAN_FP8"),
         wan_fp8_attention=_flag(env, "WAN_FP8_ATTENTION"),

@@ -9,12 +9,16 @@ limit, otherwise the job fails with the cause. Credentials never reach a message
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from errors import DeliveryError
 from settings import Bucket
 from video_utils import data_uri
 
@@ -32,10 +36,6 @@ class Artifact:
     data: bytes
     mime: str
     filename: str
-
-
-class DeliveryError(RuntimeError):
-    """The result could be neither uploaded nor returned inline; the message names the cause."""
 
 
 class UploadFailed(RuntimeError):
@@ -150,3 +150,25 @@ def deliver(artifacts: list[Artifact], job_id: str, bucket: Bucket | None, outpu
                    f"fix the bucket settings or ask for a smaller output.")
         log.error("%s", message)
         raise DeliveryError(message) from None
+
+
+def save_local(result: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """Write every inline data URI of a result to `directory`; returns the result with paths in their place."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shown = dict(result)
+    for field, name in (("video", "video.mp4"), ("images", None)):
+        values = result.get(field)
+        if values is None:
+            continue
+        paths = []
+        for i, uri in enumerate([values] if isinstance(values, str) else values):
+            if uri.startswith("data:"):
+                path = directory / (name or f"image-{i}.png")
+                path.write_bytes(base64.b64decode(uri.split(",", 1)[1]))
+                log.info("wrote %s", path)
+                uri = str(path)
+            paths.append(uri)
+        shown[field] = paths[0] if isinstance(values, str) else paths
+    if "images" in shown:
+        shown["image_url"] = shown["images"][0]
+    return shown

@@ -22,8 +22,8 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageOps
 
+from errors import InputError, shorten
 from fetch import fetch_url
-from schemas import InputError, shorten
 
 # Formats PIL may decode. Leaves out EPS/PS (PIL hands those to Ghostscript) and exotic codecs.
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -195,10 +195,3 @@ class Mp4Stream:
         if self._writer is not None:
             self._writer.close()
         self._tmp.cleanup()
-
-
-def frames_to_mp4(frames: np.ndarray, fps: int, crf: int = 18, preset: str = "veryfast") -> bytes:
-    """(F, H, W, 3) uint8 frames as an MP4 at once (see Mp4Stream)."""
-    with Mp4Stream(frames.shape[2], frames.shape[1], fps, crf, preset) as mp4:
-        mp4.write(frames)
-        return mp4.finish()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from bench import meta  # also puts the worker's modules on the path
 
-from model_handler import float8_attention
+from models.float8 import attention as float8_attention
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

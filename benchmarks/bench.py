@@ -24,8 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import datetime
+import functools
 import gc
+import inspect
 import io
 import json
 import os
@@ -102,6 +105,15 @@ def data_uri(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def frames_to_mp4(frames, fps: int, preset: str = "veryfast") -> bytes:
+    """(F, H, W, 3) uint8 frames as the worker's MP4 (its own encoder, at once)."""
+    from video_utils import Mp4Stream
+
+    with Mp4Stream(frames.shape[2], frames.shape[1], fps, preset=preset) as mp4:
+        mp4.write(frames)
+        return mp4.finish()
 
 
 def video_input(spec: dict, fields: dict | None = None, **extra: Any) -> dict:
@@ -272,11 +284,14 @@ class Bench:
 
         import handler
         from model_handler import ModelHandler
+        from plan import Device, decide
         from schemas import validate_input
         from settings import load_settings
 
-        settings = load_settings(worker_env(self.models, self.set, self.lora))
-        models = ModelHandler(settings, gpu_memory_gib=self.args.gpu_gib)
+        device = Device.find()
+        device = dataclasses.replace(device, memory_gib=self.args.gpu_gib) if self.args.gpu_gib else device
+        plan = decide(load_settings(worker_env(self.models, self.set, self.lora)), device)
+        settings, models = plan.settings, ModelHandler(plan)
         worker = handler.Worker(settings, models)
         out = self.results["worker"]
         out["settings"] = settings.summary()
@@ -285,17 +300,19 @@ class Bench:
         out["start_up_s"] = time.perf_counter() - start
 
         def job(name: str, model: Any, job_input: dict) -> dict:
-            steps_cb, previous = plain.Steps(), getattr(model, "on_step", None)
-            if hasattr(model, "on_step"):
-                model.on_step = lambda: (steps_cb.stamp(), previous and previous())
+            steps_cb = plain.Steps()
+            # The video model's step-end hook stamps each step (SDXL has none: its jobs report no s/step).
+            stepped = "on_step" in inspect.signature(model.generate).parameters
+            if stepped:
+                model.generate = functools.partial(model.generate, on_step=steps_cb.stamp)
             plain.reset_peak()
             start = time.perf_counter()
             try:
                 # What RunPod calls: the async handler, which runs the job on the worker's job thread.
                 result = asyncio.run(worker.handle({"id": f"bench-{name}", "input": job_input}))
             finally:
-                if hasattr(model, "on_step"):
-                    model.on_step = previous
+                if stepped:
+                    del model.generate  # the class's own again
             e2e = time.perf_counter() - start
             if "error" in result:
                 raise RuntimeError(result["error"])

@@ -77,6 +77,27 @@ def worker_result(log: str) -> dict:
     return result.get("output", result)  # runpod wraps the handler's return value
 
 
+def phases(log: str) -> dict:
+    """Where the start went, from the worker's own start-up lines: imports, reading weights (GB, GB/s),
+    quantizing, placing, compiling (dynamo tracing, AOTAutograd, inductor) with torch's cache lookups, the warm-up."""
+    out: dict = {}
+    if found := re.search(r"start-up: imports ([\d.]+) s", log):
+        out["imports_s"] = float(found[1])
+    if found := re.search(r"Wan2.1 I2V loaded on \S+ in ([\d.]+) s: ([^(]*(?:\([^)]*GB/s\)[^(]*)?)", log):
+        out["wan_load_s"] = float(found[1])
+        for name, seconds in re.findall(r"(\w+) ([\d.]+) s", found[2]):
+            out[f"wan_{name}_s"] = float(seconds)
+        if rate := re.search(r"\(([\d.]+) GB at ([\d.]+) GB/s\)", found[2]):
+            out["wan_weights_gb"], out["wan_weights_gb_per_s"] = float(rate[1]), float(rate[2])
+    if found := re.search(r"wan warm-up took ([\d.]+) s", log):
+        out["wan_warm_up_s"] = float(found[1])
+    if found := re.search(r"wan compiling: (.*); cache lookups: (.*)", log):
+        for key, value in re.findall(r"(\w+) ([\d.]+)", found[1]):
+            out[f"compile_{key}"] = float(value)
+        out["cache_lookups"] = {key: int(value) for key, value in re.findall(r"(\w+) (\d+)", found[2])}
+    return out
+
+
 def run(config: str, shape: str, args: argparse.Namespace, scratch: Path) -> dict:
     width, height, frames = (int(v) for v in shape.split("x"))
     job_id = f"cold-{config}-{shape}"
@@ -130,11 +151,7 @@ def run(config: str, shape: str, args: argparse.Namespace, scratch: Path) -> dic
                   for m in re.finditer(r"^(\S+ \S+),(\d+) INFO worker: job \S+: denoise step \d+/", text, re.M)]
         if len(stamps) >= 2:
             rec["s_per_step"] = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-        # Start-up as the worker logs it (a preload or warm-up happens before the job, outside its timings).
-        for key, pattern in (("wan_load_s", r"Wan2.1 I2V loaded on \S+ in ([\d.]+) s"),
-                             ("wan_warm_up_s", r"wan warm-up took ([\d.]+) s")):
-            if found := re.search(pattern, text):
-                rec[key] = float(found[1])
+        rec["phases"] = phases(text)
     if "start_to_result_s" not in rec:
         rec["error"] = "no result"
         rec["log_tail"] = text.splitlines()[-15:]
@@ -145,16 +162,23 @@ def run(config: str, shape: str, args: argparse.Namespace, scratch: Path) -> dic
 
 def table(data: dict) -> str:
     lines = [f"{data['gpu']}, {data['date']}, torch {data['torch']}, {data['steps']}-step video job", "",
-             "| shape (input WxH x frames) | configuration | start -> result s | Wan load s | warm-up s | "
-             "first job s/step | rc |", "|---|---|---|---|---|---|---|"]
+             "| shape -> video | configuration | start -> result s | imports s | weights s (GB/s) | quantize s | "
+             "warm-up s (trace / AOT / inductor) | aot_autograd hit/miss/bypass | first job s/step | rc |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(value: float | None, digits: int = 1) -> str:
         return "-" if value is None else str(round(value, digits))
 
     for rec in data["runs"].values():
-        load = rec.get("wan_load_s") or rec.get("timings", {}).get("load_s") or rec.get("load_s")
+        p, lookups = rec.get("phases", {}), rec.get("phases", {}).get("cache_lookups", {})
+        weights = p.get("wan_weights_s") or rec.get("load_s")
+        rate = f" ({cell(p.get('wan_weights_gb_per_s'), 2)})" if "wan_weights_gb_per_s" in p else ""
+        compiling = (f" ({cell(p.get('compile_trace_s'))} / {cell(p.get('compile_aot_s'))} / "
+                     f"{cell(p.get('compile_inductor_s'))})" if "compile_trace_s" in p else "")
+        aot = "/".join(str(lookups.get(f"autograd_cache_{k}", "-")) for k in ("hit", "miss", "bypass"))
         lines.append(f"| {rec['shape']} -> {rec.get('width')}x{rec.get('height')} | {rec['config']} | "
-                     f"{cell(rec.get('start_to_result_s'))} | {cell(load)} | {cell(rec.get('wan_warm_up_s'))} | "
+                     f"{cell(rec.get('start_to_result_s'))} | {cell(p.get('imports_s'))} | {cell(weights)}{rate} | "
+                     f"{cell(p.get('wan_quantizing_s'))} | {cell(p.get('wan_warm_up_s'))}{compiling} | {aot} | "
                      f"{cell(rec.get('s_per_step'), 2)} | {rec['rc']} |")
     return "\n".join(lines)
 

@@ -19,10 +19,10 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from bench import input_image, meta  # also puts the worker's modules on the path
+from bench import frames_to_mp4, input_image, meta  # also puts the worker's modules on the path
 from PIL import Image
 
-from video_utils import frames_to_mp4, png_bytes
+from video_utils import png_bytes
 
 
 def best_ms(fn) -> tuple[float, int]:

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench import input_image, meta  # also puts the worker's modules on the path
+from bench import frames_to_mp4, input_image, meta  # also puts the worker's modules on the path
 
 from download_weights import random_component
-from model_handler import channels_last_convs, reused_encoder_work, uint8_frames
-from video_utils import frames_to_mp4
+from models.vae import channels_last_convs, reused_encoder_work, uint8_frames
 
 VARIANTS = ("default", "channels_last", "worker", "cudnn_benchmark", "channels_last_benchmark", "compiled")
 

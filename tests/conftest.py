@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 import download_weights  # noqa: E402
 from handler import Worker  # noqa: E402
 from model_handler import ModelHandler  # noqa: E402
+from plan import decide  # noqa: E402
 from settings import Settings, load_settings  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def tiny_settings(tiny_env: dict[str, str]) -> Settings:
 @pytest.fixture(scope="session")
 def tiny_models(tiny_settings: Settings) -> ModelHandler:
     """The worker's ModelHandler on the tiny models, shared by the session (models load once)."""
-    return ModelHandler(tiny_settings)
+    return ModelHandler(decide(tiny_settings))
 
 
 @pytest.fixture(scope="session")
@@ -76,8 +77,8 @@ def make_worker(tiny_env: dict[str, str], tiny_models: ModelHandler):
     """Factory: a Worker under other settings. Settings the models read (compile, dtypes, LoRAs) need
     `new_models=True`: the models then load again on their first job, as in a new worker process."""
     def make(extra_env: dict[str, str], new_models: bool = False) -> Worker:
-        settings = load_settings(tiny_env | extra_env)
-        return Worker(settings, ModelHandler(settings) if new_models else tiny_models)
+        plan = decide(load_settings(tiny_env | extra_env))
+        return Worker(plan.settings, ModelHandler(plan) if new_models else tiny_models)
 
     return make
 

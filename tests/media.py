@@ -42,3 +42,12 @@ def probe_mp4(data: bytes) -> dict:
         "codec": meta["codec"], "pix_fmt": meta["pix_fmt"], "boxes": boxes,
         "pixels": np.stack(frames).reshape(len(frames), height, width, 3) if frames else None,
     }
+
+
+def frames_to_mp4(frames: np.ndarray, fps: int, crf: int = 18, preset: str = "veryfast") -> bytes:
+    """(F, H, W, 3) uint8 frames as an MP4 at once, through the worker's own encoder (video_utils.Mp4Stream)."""
+    from video_utils import Mp4Stream
+
+    with Mp4Stream(frames.shape[2], frames.shape[1], fps, crf, preset) as mp4:
+        mp4.write(frames)
+        return mp4.finish()

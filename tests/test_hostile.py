@@ -574,7 +574,7 @@ TINY = {
                "num_inference_steps": st.just(2), "refiner_inference_steps": st.just(2),
                "high_noise_frac": st.just(0.5), "num_images": st.just(1), "strength": st.floats(0.5, 1)},
               {"mode": st.just("image"), "image_url": st.just(TINY_PNG),
-               "scheduler": st.sampled_from(SCHEDULERS), "guidance_scale": st.floats(0, 30),
+               "scheduler": st.sampled_from(tuple(SCHEDULERS)), "guidance_scale": st.floats(0, 30),
                "seed": st.integers(0, 2**32 - 1), "output": st.sampled_from(["auto", "base64"])}),
 }
 

@@ -14,7 +14,10 @@ from media import probe_mp4
 from test_worker import IMAGE, VIDEO, pngs
 
 import download_weights
-from model_handler import CompileCache, float8_attention
+from models.compile_cache import CompileCache
+from models.float8 import attention as float8_attention
+from models.float8 import to_float8
+from plan import Device, decide
 from settings import SettingsError, load_settings
 
 
@@ -60,9 +63,7 @@ def test_float8_attention_error_against_exact_attention():
     assert 0.01 < noise < 0.08
     assert 0 < shifted < 0.005
     # Without centring, the offset would take the float8 range: the error grows past the noise case's.
-    from model_handler import _to_float8
-
-    (qq, qs), (kq, ks), (vq, vs) = (_to_float8(t) for t in (q, k + offset, v + offset))
+    (qq, qs), (kq, ks), (vq, vs) = (to_float8(t) for t in (q, k + offset, v + offset))
     naive = _attention(*(t.float() * s[:, None, :, None] for t, s in ((qq, qs), (kq, ks), (vq, vs))))
     exact = _attention(q, k + offset, v + offset)
     assert ((naive - exact).norm() / exact.norm()).item() > 2 * shifted
@@ -100,17 +101,19 @@ def test_wan_float8_attention_changes_the_video_by_rounding_only(run_job, make_w
     assert np.abs(same - frames).mean() < 0.5 * np.abs(frames - reference).mean()
 
 
-def test_float8_attention_is_ignored_with_one_line_where_it_cannot_run(caplog, monkeypatch):
-    from model_handler import _use_fp8_attention
+def test_float8_attention_is_ignored_with_one_line_where_it_cannot_run(tiny_settings):
+    def notes(settings, device=None):
+        return decide(settings, device or Device()).notes
 
-    assert _use_fp8_attention(True, torch.device("cpu"), num_gpus=1)  # emulated on CPU: the tests run it
-    assert not _use_fp8_attention(True, torch.device("cpu"), num_gpus=2)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))  # an Ada card
-    assert not _use_fp8_attention(True, torch.device("cuda"), num_gpus=1)
-    assert caplog.messages == ["WAN_FP8_ATTENTION is ignored on cpu: context parallelism (NUM_GPUS > 1) does not "
-                               "run it", "WAN_FP8_ATTENTION is ignored on cuda: FlashAttention-3's float8 kernel "
-                               "needs a Hopper GPU (compute capability 9.0)"]
-    assert not _use_fp8_attention(False, torch.device("cpu"), num_gpus=1)
+    wanted = load_settings({"WAN_FP8_ATTENTION": "1"})
+    assert decide(wanted).settings.wan_fp8_attention  # emulated on CPU: the tests run it
+    assert notes(load_settings({"WAN_FP8_ATTENTION": "1", "NUM_GPUS": "2"})) == (
+        "WAN_FP8_ATTENTION is ignored on cpu: context parallelism (NUM_GPUS > 1) does not run it",)
+    ada = Device("cuda", (8, 9), 48.0, 1)
+    assert notes(wanted, ada) == ("WAN_FP8_ATTENTION is ignored on cuda: FlashAttention-3's float8 kernel needs a "
+                                  "Hopper GPU (compute capability 9.0)",)
+    assert not decide(wanted, ada).settings.wan_fp8_attention
+    assert notes(load_settings({})) == ()
 
 
 @pytest.mark.parametrize(("preset", "x264_refs"), [(None, b"ref=1 "), ("medium", b"ref=3 ")])

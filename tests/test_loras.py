@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 import loras
 from handler import Worker
 from model_handler import ModelHandler
+from plan import decide
 from schemas import InputError, parse_source, validate_input
 from settings import Settings, SettingsError, load_settings
 
@@ -235,7 +236,7 @@ def entry(lora_dir: Path, name: str, scale: float = 1.0) -> dict:
 @pytest.fixture(scope="module")
 def pristine(lora_env) -> ModelHandler:
     """A second ModelHandler (a fresh worker process): the baselines come from it before any LoRA."""
-    return ModelHandler(load_settings(lora_env))
+    return ModelHandler(decide(load_settings(lora_env)))
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +345,7 @@ def test_lora_settings(tmp_path):
     assert s.wan_fast_lora == "lightx2v/Wan2.1-Distill-Loras/a.safetensors"
     assert load_settings({}).lora_fuse is False and load_settings({}).wan_fast_lora is None
     with pytest.raises(SettingsError, match=r"^WAN_FAST_LORA must be an http\(s\) URL, a Hugging Face repo id"):
-        load_settings({"WAN_FAST_LORA": "distill.safetensors"})
+        decide(load_settings({"WAN_FAST_LORA": "distill.safetensors"}))
     with pytest.raises(SettingsError, match="LORA_CACHE_GB must be a positive number of GB"):
         load_settings({"LORA_CACHE_GB": "0"})
 
@@ -463,10 +464,11 @@ def test_loras_fuse_into_quantized_wan_weights_and_are_undone_bit_for_bit(lora_e
     through the same loading and fusing code."""
     from torchao.quantization import Float8WeightOnlyConfig
 
-    import model_handler
+    import plan
+    from models import float8
 
-    monkeypatch.setattr(model_handler, "_use_fp8", lambda *args: True)
-    monkeypatch.setattr(model_handler, "_fp8_config", Float8WeightOnlyConfig)
+    monkeypatch.setattr(plan, "_fp8_unusable", lambda *args: None)
+    monkeypatch.setattr(float8, "config", Float8WeightOnlyConfig)
     worker = make_worker({**lora_env, "WAN_FP8": "1"}, new_models=True)
     m = worker.models
     job = [entry(lora_dir, "wan-other.safetensors", 0.002), entry(lora_dir, "wan-lightx2v.safetensors", -0.002)]

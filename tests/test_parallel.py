@@ -16,13 +16,14 @@ import time
 import numpy as np
 import psutil
 import pytest
-import torch
 from conftest import decode_data_uri, png_b64, png_image
 from media import probe_mp4
 from PIL import Image
 
 import parallel
-from model_handler import JobCancelled, ModelHandler
+from errors import JobCancelled, ParallelError
+from model_handler import ModelHandler
+from plan import Device, decide
 from schemas import LoraSpec, validate_input
 
 IMAGE = "data:image/png;base64," + png_b64(96, 80)
@@ -39,35 +40,28 @@ def followers_of(pid: int) -> list[psutil.Process]:
     return [p for p in psutil.Process(pid).children(recursive=True) if "follower_main" in " ".join(p.cmdline())]
 
 
-def test_start_up_refusals(tiny_settings, monkeypatch):
-    with pytest.raises(parallel.ParallelError) as err:
-        parallel.check(dataclasses.replace(tiny_settings, num_gpus=2, wan_compile=True))
+def test_start_up_refusals(tiny_settings):
+    with pytest.raises(ParallelError) as err:
+        decide(dataclasses.replace(tiny_settings, num_gpus=2, wan_compile=True))
     assert str(err.value) == ("NUM_GPUS=2 cannot be combined with WAN_COMPILE=1 yet (diffusers' context parallelism "
                               "does not support torch.compile); unset one of them.")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(parallel.ParallelError) as err:
-        parallel.check(dataclasses.replace(tiny_settings, num_gpus=4))
+    two_gpus = Device("cuda", (9, 0), 80.0, 2)
+    with pytest.raises(ParallelError) as err:
+        decide(dataclasses.replace(tiny_settings, num_gpus=4), two_gpus)
     assert str(err.value) == ("NUM_GPUS is 4 but this machine has 2 GPU(s) visible; set NUM_GPUS to at most 2 (or "
                               "give the endpoint 4 GPUs per worker).")
-    assert parallel.check(dataclasses.replace(tiny_settings, num_gpus=2)) == "cuda"
+    assert decide(dataclasses.replace(tiny_settings, num_gpus=2), two_gpus).settings.num_gpus == 2
 
 
 def test_float8_wan_that_would_be_unloaded_for_image_jobs_is_refused(tiny_settings):
     """On a card that cannot hold float8 Wan beside SDXL, Wan is unloaded for an image job, and context
     parallelism could not be enabled again on rank 0 alone: refused before any follower starts."""
-    from model_handler import Placement, WanModel
-
-    settings = dataclasses.replace(tiny_settings, num_gpus=2)
-    models = ModelHandler(settings)
-    models.placement = models.wan.placement = Placement(keep_both=False, wan_profile="full")  # a 48 GB card
-    models.wan.fp8 = True  # as WAN_FP8=1 decides on an Ada or Hopper GPU (never on CPU)
-    with pytest.raises(parallel.ParallelError) as err:
-        parallel.start(settings, models)
+    settings = dataclasses.replace(tiny_settings, num_gpus=2, wan_fp8=True)
+    with pytest.raises(ParallelError) as err:
+        decide(settings, Device("cuda", (9, 0), 48.0, 2))  # 48 GB cards
     assert str(err.value) == ("NUM_GPUS=2 with WAN_FP8=1 needs GPUs that hold Wan and SDXL together (80 GB); unset "
                               "WAN_FP8 or give the endpoint larger GPUs.")
-    assert isinstance(models.wan, WanModel)  # not replaced by ParallelWan
-    assert not followers_of(os.getpid())
+    assert not followers_of(os.getpid())  # refused at start-up, before any follower starts
 
 
 def test_worker_refuses_to_start_with_an_impossible_setup(start_api):
@@ -137,9 +131,7 @@ def test_dead_follower_ends_the_worker(start_api):
 @pytest.fixture(scope="module")
 def ranks(tiny_settings):
     """A ModelHandler whose Wan runs on 2 ranks: this process (rank 0) and one follower."""
-    settings = dataclasses.replace(tiny_settings, num_gpus=2)
-    models = ModelHandler(settings)
-    parallel.start(settings, models)
+    models = ModelHandler(decide(dataclasses.replace(tiny_settings, num_gpus=2)))
     follower = models.wan._watchdog.followers[0]
     yield models
     models.wan.stop()

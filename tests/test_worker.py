@@ -17,7 +17,8 @@ from conftest import decode_data_uri, png_b64, png_image
 from media import probe_mp4
 from PIL import Image
 
-from model_handler import ModelHandler, plan_placement
+from model_handler import ModelHandler
+from plan import plan_placement
 from schemas import SCHEDULERS, WAN_NEGATIVE_PROMPT, fit_area, validate_input
 
 VIDEO = {"mode": "video", "prompt": "a cat walks", "height": 64, "width": 96, "num_frames": 9,
@@ -154,7 +155,7 @@ def test_video_frames_equal_a_plain_diffusers_call(run_job, tiny_env, tiny_model
     plain = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
     worker_frames = probe_mp4(decode_data_uri(result["video"], "video/mp4"))["pixels"]
     # The worker's frames went through H.264 (lossy); compare against the same encode of the plain frames.
-    from video_utils import frames_to_mp4
+    from media import frames_to_mp4
     assert np.array_equal(worker_frames, probe_mp4(frames_to_mp4(plain, 12))["pixels"])
     assert len(worker_convs) < len(plain_convs) == 142, (len(worker_convs), len(plain_convs))
 
@@ -255,7 +256,7 @@ def test_a_job_whose_mp4_encoder_dies_says_so_and_the_next_job_succeeds(run_job,
 def test_the_encoder_skipping_repeated_work_gives_the_same_latents_with_less_work(tiny_models):
     """The I2V condition (an image, then black frames) encoded by the worker's VAE with and without the
     skipping: the same latents, bit for bit, from fewer convolutions."""
-    from model_handler import reused_encoder_work
+    from models.vae import reused_encoder_work
 
     vae = tiny_models.model("video")[0].pipe.vae
     image = torch.from_numpy(np.asarray(png_image(64, 64), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
@@ -346,8 +347,10 @@ def test_importing_the_worker_loads_no_model(tiny_settings):
     from pathlib import Path
 
     # Had runpod.serverless.start run, it would have taken over the process (and read test_input.json).
-    code = ("import gc, torch, handler, model_handler, schemas, video_utils, storage, fetch, loras, parallel, "
-            "download_weights; assert not [o for o in gc.get_objects() if isinstance(o, torch.nn.Module)]; "
+    code = ("import gc, torch, handler, jobs, plan, errors, logs, model_handler, models.sdxl, models.wan, "
+            "models.float8, models.vae, models.step_cache, models.compile_cache, schemas, settings, video_utils, "
+            "storage, fetch, loras, parallel, download_weights; "
+            "assert not [o for o in gc.get_objects() if isinstance(o, torch.nn.Module)]; "
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
                          text=True, timeout=120)
@@ -444,10 +447,10 @@ def test_a_size_of_another_aspect_ratio_crops_the_input_instead_of_stretching_it
 
 
 def test_video_jobs_call_cover_with_the_input_and_the_video_size(run_job, tiny_models, monkeypatch):
-    import handler
+    import jobs
 
     given = []
-    monkeypatch.setattr(handler, "cover", lambda image, w, h: given.append((image.size, w, h)) or
+    monkeypatch.setattr(jobs, "cover", lambda image, w, h: given.append((image.size, w, h)) or
                         image.resize((w, h)))
     result = run_job({**VIDEO, "image_url": png_b64(200, 100), "height": 64, "width": 64, "num_frames": 5})
     assert "error" not in result, result

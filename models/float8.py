@@ -1,0 +1,144 @@
+"""Float8 for the Wan transformer: the blocks' linears (WAN_FP8) and their self-attention (WAN_FP8_ATTENTION).
+
+Weights: torchao's float8 weights with dynamic per-row float8 activations on the blocks' linear
+layers; a fused LoRA is re-quantized from the stored weights (`requantizer`). Attention:
+FlashAttention-3's float8 forward (fa3-fwd, Hopper) with centred keys/values and per-head scales,
+emulated in plain torch on CPU so the tests run its arithmetic. Whether either applies is
+decided once at start-up (plan.decide), which also runs `attention_self_check` on a Hopper GPU.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from errors import first_line
+
+# The self-check's bound on ||float8 - SDPA|| / ||SDPA||: float8 rounding measured ~5% on random inputs.
+SELF_CHECK_MAX_ERROR = 0.1
+
+
+def quantize(transformer: torch.nn.Module) -> None:
+    """Float8 weights and dynamic float8 activations (per row) for the transformer blocks' linears.
+
+    The embedders and the output projection stay in bf16: they are small and most sensitive.
+    """
+    from torchao.quantization import quantize_
+
+    quantize_(transformer, config(),
+              filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear) and fqn.startswith("blocks."))
+
+
+def config() -> Any:
+    """WAN_FP8's torchao config (fusing a LoRA re-quantizes the merged weights with it)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+
+
+def requantizer(model_id: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """For fusing a LoRA under WAN_FP8: the transformer's weight `name` plus `delta`, quantized as WAN_FP8 does.
+
+    From the weight in the model files, not the dequantized float8 one: that lies on the float8 grid,
+    where a LoRA's change smaller than half a step would round back to nothing.
+    """
+    from huggingface_hub import snapshot_download
+    from safetensors import safe_open
+
+    root = Path(model_id) if Path(model_id).is_dir() else Path(
+        snapshot_download(model_id, allow_patterns=["transformer/*"], local_files_only=True))
+    folder = root / "transformer"
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    files = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+    opened: dict[str, Any] = {}  # one open per file, not per weight
+
+    def requantize(name: str, delta: torch.Tensor) -> torch.Tensor:
+        from torchao.quantization import quantize_
+
+        file = files.get(name, "diffusion_pytorch_model.safetensors")
+        if file not in opened:
+            opened[file] = safe_open(folder / file, framework="pt")
+        holder = torch.nn.Linear(delta.shape[1], delta.shape[0], bias=False, device="meta")
+        stored = opened[file].get_tensor(name).to(delta.device, delta.dtype)
+        holder.weight = torch.nn.Parameter(stored + delta, requires_grad=False)
+        quantize_(holder, config())
+        return holder.weight
+
+    return requantize
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              scale: float | None = None, is_causal: bool = False) -> torch.Tensor:
+    """Attention with query, key and value rounded to float8 (e4m3) under one scale per batch and head.
+
+    Tensors are (batch, tokens, heads, head_dim), as diffusers dispatches them. On CUDA the kernel is
+    FlashAttention-3's float8 forward (fa3-fwd, Hopper); on CPU the same rounding is done in plain torch.
+    """
+    if attn_mask is not None or is_causal:
+        raise ValueError(f"WAN_FP8_ATTENTION runs unmasked, non-causal attention only, got attn_mask "
+                         f"{'set' if attn_mask is not None else 'None'} and is_causal={is_causal}")
+    # Softmax ignores what all keys share (q . mean(k) is one constant per query row), and each output row
+    # is a weighted mean of v's rows: with both means taken out, float8 rounds only what varies.
+    key = key - key.mean(dim=1, keepdim=True)
+    v_mean = value.mean(dim=1, keepdim=True)
+    (q, q_scale), (k, k_scale), (v, v_scale) = (to_float8(t) for t in (query, key, value - v_mean))
+    scale = scale or q.shape[-1] ** -0.5
+    if q.device.type == "cuda":
+        import fa3_fwd_interface
+
+        # The registered custom op itself (one node for torch.compile, with its fake kernel); the public
+        # flash_attn_func wraps it in an autograd.Function, which inference does not need.
+        out = fa3_fwd_interface._flash_attn_forward(q, k, v, q_descale=q_scale, k_descale=k_scale,
+                                                    v_descale=v_scale, softmax_scale=scale)[0]
+    else:  # FlashAttention-3's arithmetic: the probabilities exp(s - row max), in [0, 1], are float8 too
+        q, k, v = (x.float().mul(s[:, None, :, None]).transpose(1, 2)
+                   for x, s in ((q, q_scale), (k, k_scale), (v, v_scale)))
+        logits = q @ k.transpose(-1, -2) * scale
+        p = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+        out = ((p.to(torch.float8_e4m3fn).float() @ v) / p.sum(dim=-1, keepdim=True)).transpose(1, 2)
+    return (out.float() + v_mean).to(query.dtype)
+
+
+def to_float8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t / scale in float8_e4m3fn, and the scale (batch, heads): each head's largest value maps to 448."""
+    # The scale in t's dtype, so the division makes no float32 copy of t; the kernel gets that same scale.
+    scale = (t.abs().amax(dim=(1, 3)).float().clamp(min=1e-6) / torch.finfo(torch.float8_e4m3fn).max).to(t.dtype)
+    return (t / scale[:, None, :, None]).to(torch.float8_e4m3fn), scale.float()
+
+
+def attend_in_float8(transformer: torch.nn.Module) -> None:
+    """Each block's self-attention (32,760 tokens at 480x832x81; quadratic in them, unlike the linears) in
+    float8; cross-attention over the 769 text and image tokens stays bf16. diffusers dispatches attention by
+    backend name, and the worker serves FlashAttention-3's name with its float8 function (it loads no other
+    FA3)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    # Process-wide: anything else set to "_flash_3" would get float8 too, and nothing else here is.
+    _AttentionBackendRegistry.register(AttentionBackendName._FLASH_3)(attention)
+    for block in transformer.blocks:
+        block.attn1.set_attention_backend(AttentionBackendName._FLASH_3.value)
+
+
+def attention_self_check() -> str | None:
+    """On a Hopper GPU: why float8 attention cannot serve here (fa3-fwd missing, failing, or disagreeing with
+    SDPA on a small input), or None. A CUDA 12 image lacks the libcudart.so.13 that fa3-fwd links."""
+    try:
+        import fa3_fwd_interface  # noqa: F401
+    except (ImportError, OSError) as err:
+        return f"fa3-fwd does not load ({first_line(err)})"
+    generator = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 512, 8, 128, device="cuda", dtype=torch.bfloat16, generator=generator)
+               for _ in range(3))
+    try:
+        out = attention(q, k, v).float()
+    except Exception as err:  # noqa: BLE001 - any failure of the kernel turns the switch off, not the worker
+        return f"its kernel failed on a small input ({type(err).__name__}: {first_line(err)})"
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    error = ((out - ref.float()).norm() / ref.float().norm()).item()
+    if not error <= SELF_CHECK_MAX_ERROR:
+        return f"its output differs from SDPA's by {error:.1%} on a small input (at most {SELF_CHECK_MAX_ERROR:.0%})"
+    return None
