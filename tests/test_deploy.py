@@ -1,6 +1,8 @@
-"""The deployment files agree with the code: RunPod Hub listing (.runpod/), Dockerfile, .dockerignore.
+"""The deployment files agree with the code: RunPod Hub listing (.runpod/), Dockerfile, .dockerignore, the
+image's package pins and what README and benchmarks/RESULTS.md say about them.
 
-No models are loaded: these read the files and call the worker's own settings and input validation.
+No models are loaded and nothing is built: these read the files, call the worker's own settings and input
+validation, and replay the Dockerfile's dependency step with a stand-in pip.
 """
 
 from __future__ import annotations
@@ -10,8 +12,13 @@ import base64
 import fnmatch
 import io
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -219,10 +226,11 @@ def test_hub_test_inputs_pass_the_workers_validation(test):
 # ----------------------------------------------------------------------------------------------
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+def dockerfile_instructions(text: str | None = None) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs of the Dockerfile (or of `text`), continuation lines joined, comments
+    dropped."""
     joined, current = [], ""
-    for line in (ROOT / "Dockerfile").read_text().splitlines():
+    for line in ((ROOT / "Dockerfile").read_text() if text is None else text).splitlines():
         if not current and line.lstrip().startswith("#"):
             continue
         current += line.rstrip()
@@ -235,40 +243,58 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return [(text.split(None, 1)[0].upper(), text.split(None, 1)[1] if " " in text else "") for text in joined]
 
 
-def copied_sources() -> list[str]:
+def copied_sources(dockerfile: str | None = None) -> list[str]:
     sources = []
-    for instruction, args in dockerfile_instructions():
+    for instruction, args in dockerfile_instructions(dockerfile):
         if instruction in ("COPY", "ADD"):
             words = [w for w in args.split() if not w.startswith("--")]
             sources += words[:-1]
     return sources
 
 
-def top_level_imports(module: str) -> set[str]:
-    """Top-level modules of this repository that `module` imports anywhere (functions included)."""
-    tree = ast.parse((ROOT / f"{module}.py").read_text())
+def copied(path: str, sources: list[str]) -> bool:
+    """Whether a COPY source brings `path` into the image: a file (pattern) matching it, or a folder above it."""
+    return any(fnmatch.fnmatchcase(path, source) or path.startswith(source.rstrip("/") + "/") for source in sources)
+
+
+def module_files(name: str, root: Path = ROOT) -> list[str]:
+    """The files of the repository's top-level module `name`, relative to `root`: name.py, or every .py file
+    of the package name/; none for a module from elsewhere."""
+    if (root / f"{name}.py").is_file():
+        return [f"{name}.py"]
+    if (root / name / "__init__.py").is_file():
+        return sorted(path.relative_to(root).as_posix() for path in (root / name).rglob("*.py")
+                      if "__pycache__" not in path.parts)
+    return []
+
+
+def repository_imports(path: str, root: Path = ROOT) -> set[str]:
+    """Top-level modules and packages of the repository that the file `path` imports anywhere (functions
+    included; a package's relative imports stay inside the package, all of whose files are counted)."""
     names = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse((root / path).read_text())):
         if isinstance(node, ast.Import):
             names |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
-    return {name for name in names if (ROOT / f"{name}.py").is_file()}
+    return {name for name in names if module_files(name, root)}
 
 
-def modules_the_image_runs() -> set[str]:
-    """handler.py, every script a RUN/CMD line names, and every repository module they import, transitively."""
-    scripts = {"handler"}
-    for instruction, args in dockerfile_instructions():
+def files_the_image_runs(root: Path = ROOT, dockerfile: str | None = None) -> set[str]:
+    """handler.py, every script a RUN/CMD line names, and the files of every repository module and package
+    they import, transitively."""
+    modules = {"handler"}
+    for instruction, args in dockerfile_instructions(dockerfile):
         if instruction in ("RUN", "CMD"):
-            scripts |= {name for name in re.findall(r"([A-Za-z_]\w*)\.py\b", args) if (ROOT / f"{name}.py").is_file()}
-    seen, todo = set(), list(scripts)
+            modules |= {name for name in re.findall(r"([A-Za-z_]\w*)\.py\b", args) if (root / f"{name}.py").is_file()}
+    seen, todo = set(), list(modules)
     while todo:
         module = todo.pop()
         if module not in seen:
             seen.add(module)
-            todo += top_level_imports(module) - seen
-    return {f"{module}.py" for module in seen}
+            for path in module_files(module, root):
+                todo += repository_imports(path, root) - seen
+    return {path for module in seen for path in module_files(module, root)}
 
 
 def dockerignore_patterns() -> list[tuple[bool, re.Pattern]]:
@@ -309,15 +335,30 @@ def ignored(path: str) -> bool:
 
 
 def test_dockerfile_copies_every_module_the_image_runs():
-    needed = modules_the_image_runs()
+    needed = files_the_image_runs()
     # The import scan itself must see the handler's modules, or this test would pass on nothing.
-    assert {"handler.py", "model_handler.py", "schemas.py", "settings.py", "download_weights.py"} <= needed
+    assert {"handler.py", "schemas.py", "settings.py", "download_weights.py"} <= needed
     sources = copied_sources()
-    missing = {m for m in needed if not any(fnmatch.fnmatchcase(m, source) for source in sources)}
+    missing = {path for path in needed if not copied(path, sources)}
     assert missing == set(), f"the Dockerfile does not COPY {sorted(missing)}"
     left_out = {m for m in needed | {"builder/requirements.txt", "test_input.json"} if ignored(m)}
     assert left_out == set(), f".dockerignore leaves {sorted(left_out)} out of the build context"
 
+
+def test_the_module_scan_follows_packages(tmp_path):
+    # Guards the scan above on a made-up repository: a package imported by the handler counts with all its
+    # files and what they import, and only copying its folder brings it into the image.
+    files = {"handler.py": "import settings\n\ndef main():\n    from models.wan import Wan\n",
+             "settings.py": "", "models/__init__.py": "", "models/wan.py": "from . import base\nimport video_utils\n",
+             "models/base.py": "", "video_utils.py": "import numpy\n", "unused.py": ""}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    dockerfile = 'COPY handler.py settings.py video_utils.py ./\nCOPY models/ ./models/\nCMD ["python", "handler.py"]\n'
+    needed = files_the_image_runs(tmp_path, dockerfile)
+    assert needed == set(files) - {"unused.py"}
+    assert all(copied(path, copied_sources(dockerfile)) for path in needed)
+    assert not copied("models/wan.py", ["handler.py", "models.py", "models/base.py"])
 
 def test_copied_files_exist():
     for source in copied_sources():
@@ -338,3 +379,152 @@ def test_dockerignore_keeps_local_state_out_of_the_build_context(path):
 def test_dockerignore_matcher_can_say_no():
     # Guards the helper above: a matcher that ignores everything would pass the test before it.
     assert not ignored("handler.py") and not ignored("builder/requirements.txt")
+    # models/ is the worker's package; only the tiny test models inside it stay out.
+    assert not ignored("models/__init__.py") and ignored("models/tiny/wan-i2v/model_index.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# The image's packages: what it installs, and that README and RESULTS.md say the same
+# ----------------------------------------------------------------------------------------------
+BUILDER = ROOT / "builder"
+# The packages whose versions the figures depend on and RESULTS.md states.
+STACK = ("torch", "transformers", "diffusers", "torchao", "fa3-fwd", "runpod")
+
+
+def package_name(requirement: str) -> str:
+    """The normalised name of a requirement line (PEP 503: case and runs of -_. do not matter)."""
+    return re.sub(r"[-_.]+", "-", re.match(r"\s*([A-Za-z0-9_.-]+)", requirement)[1]).lower()
+
+
+def requirement_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def pins(lines: list[str]) -> dict[str, str]:
+    return {package_name(line): line.split("==", 1)[1].strip() for line in lines if "==" in line}
+
+
+def image_pins() -> dict[str, str]:
+    """What the default image pins: requirements.txt, with requirements-image.txt's versions in place of its
+    own, and requirements-cuda13.txt (the default image's torch is a CUDA 13 build)."""
+    return (pins(requirement_lines(BUILDER / "requirements.txt"))
+            | pins(requirement_lines(BUILDER / "requirements-image.txt"))
+            | pins(requirement_lines(BUILDER / "requirements-cuda13.txt")))
+
+
+def apt_packages() -> set[str]:
+    packages = set()
+    for instruction, args in dockerfile_instructions():
+        if instruction == "RUN":
+            for command in re.findall(r"apt-get install ([^&;|]+)", args):
+                packages |= {word for word in command.split() if not word.startswith("-")}
+    return packages
+
+
+def test_the_image_has_what_torch_compile_builds_with():
+    # triton builds its kernel launcher at run time with a C compiler (gcc, or clang, or $CC) and Python's
+    # headers (sysconfig's include folder: /usr/include/python3.12 on Ubuntu 24.04, from python3-dev);
+    # `--no-install-recommends` leaves out libc6-dev, which gcc only recommends; inductor compiles graph parts
+    # that run on the CPU with g++. Without them WAN_COMPILE and SDXL_COMPILE fail at their first kernel.
+    assert "--no-install-recommends" in " ".join(args for _, args in dockerfile_instructions())
+    missing = {"gcc", "g++", "libc6-dev", "python3-dev"} - apt_packages()
+    assert missing == set(), f"the image does not install {sorted(missing)}"
+
+
+def test_the_image_installs_the_stack_the_figures_ran_with():
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    image = image_pins()
+    for name in STACK:
+        stated = set(re.findall(rf"\b{re.escape(name)} (\d+(?:\.\d+)+)", results))
+        assert stated, f"RESULTS.md names no version of {name}"
+        assert stated == {image[name]}, f"the figures ran with {name} {sorted(stated)}, the image has {image[name]}"
+    # The CUDA build too: RESULTS.md's torch 2.11.0+cu130 is PyPI's wheel, which needs the CUDA 13.0 base image.
+    builds = set(re.findall(r"\btorch \d+(?:\.\d+)+\+cu(\d+)", results))
+    assert builds == {"".join(map(str, cuda_of_base_image()))}, (builds, cuda_of_base_image())
+
+
+def test_every_cuda_variant_pairs_its_base_image_with_a_torch_of_the_same_cuda():
+    """A CUDA 12.8 base with a CUDA 13 torch would start on R570 hosts and fail at the first kernel."""
+    for name in ("Dockerfile", "README.md"):
+        text = (ROOT / name).read_text()
+        variants = re.findall(r"CUDA_BASE=nvidia/cuda:(\d+)\.(\d+)\.\d+-\S+.{0,200}?TORCH_INDEX_URL=\S*/cu(\d+)",
+                              text, flags=re.S)
+        assert variants, f"{name} shows no CUDA variant build"
+        for major, minor, torch_cuda in variants:
+            assert torch_cuda == f"{major}{minor}", f"{name}: base CUDA {major}.{minor} with torch cu{torch_cuda}"
+
+
+PIP_STAND_IN = """#!/bin/sh
+# Records the call and the requirement lines of every -r file, in place of installing anything.
+{
+  echo "CALL $*"
+  while [ $# -gt 0 ]; do
+    if [ "$1" = "-r" ]; then grep -vE '^[[:space:]]*(#|$)' "$2" | sed 's/^/REQ /'; shift; fi
+    shift
+  done
+} >> "$PIP_LOG"
+"""
+
+
+def replay_dependency_step(tmp_path: Path, torch_cuda: str, index_url: str = "") -> list[dict]:
+    """Run the Dockerfile's dependency RUN line as `docker build` would (sh, the files its COPY line brings,
+    TORCH_INDEX_URL), with a pip that records what it is asked to install and a torch of the given CUDA."""
+    instructions = dockerfile_instructions()
+    copy = next(args.split() for instruction, args in instructions
+                if instruction == "COPY" and "builder/requirements-image.txt" in args)
+    sources, dest = copy[:-1], copy[-1].rstrip("/")
+    run = next(args for instruction, args in instructions if instruction == "RUN" and f"{dest}/" in args)
+    builder = tmp_path / "builder"
+    builder.mkdir()
+    for source in sources:
+        shutil.copy(ROOT / source, builder)
+    bin_dir, fake = tmp_path / "bin", tmp_path / "fake" / "torch"
+    bin_dir.mkdir()
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(f"class version:\n    cuda = {torch_cuda!r}\n")
+    (bin_dir / "pip").write_text(PIP_STAND_IN)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    log = tmp_path / "pip.log"
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(tmp_path / "fake"), "PIP_LOG": str(log),
+           "TORCH_INDEX_URL": index_url}
+    done = subprocess.run(["sh", "-c", run.replace(dest, str(builder))], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = []
+    for line in log.read_text().splitlines():
+        if line.startswith("CALL "):
+            calls.append({"args": line[5:].split(), "requirements": []})
+        else:
+            calls[-1]["requirements"].append(line[4:])
+    return calls
+
+
+def installed(calls: list[dict]) -> list[str]:
+    return [line for call in calls if call["args"][0] == "install" for line in call["requirements"]]
+
+
+def test_the_default_image_installs_the_gpu_stack_in_place_of_the_test_suites(tmp_path):
+    calls = replay_dependency_step(tmp_path, torch_cuda="13.0")
+    lines = installed(calls)
+    names = [package_name(line) for line in lines]
+    assert len(names) == len(set(names)), f"a package is asked for twice: {sorted(lines)}"
+    assert pins(lines) == image_pins()
+    runtime = requirement_lines(BUILDER / "requirements.txt")
+    replaced = set(pins(requirement_lines(BUILDER / "requirements-image.txt")))
+    assert {line for line in runtime if package_name(line) not in replaced} <= set(lines)
+    assert not {line for line in runtime if package_name(line) in replaced} & set(lines)
+    assert calls[-1]["args"] == ["check"], "the build does not end with pip check"
+
+
+def test_the_cuda_12_image_takes_torch_from_its_index_and_leaves_out_fa3(tmp_path):
+    url = "https://download.pytorch.org/whl/cu128"
+    calls = replay_dependency_step(tmp_path, torch_cuda="12.8", index_url=url)
+    image_torch = pins(requirement_lines(BUILDER / "requirements-image.txt"))["torch"]
+    first = calls[0]
+    assert "--index-url" in first["args"] and first["args"][first["args"].index("--index-url") + 1] == url
+    assert first["requirements"] == [f"torch=={image_torch}"]
+    lines = installed(calls)
+    assert pins(lines)["torch"] == image_torch
+    cuda13_only = set(pins(requirement_lines(BUILDER / "requirements-cuda13.txt")))
+    assert cuda13_only and not cuda13_only & {package_name(line) for line in lines}
