@@ -29,13 +29,24 @@ from settings import SettingsError, load_settings
 HUB = json.loads((ROOT / ".runpod" / "hub.json").read_text())
 TESTS = json.loads((ROOT / ".runpod" / "tests.json").read_text())
 INPUTS = {entry["key"]: entry["input"] for entry in HUB["config"]["env"]}
-# RunPod's GPU pools (runpod-python's GpuGroup); hub.json's gpuIds may also hold "-<GPU id>" negations.
-GPU_POOLS = {"AMPERE_16", "AMPERE_24", "AMPERE_48", "AMPERE_80", "ADA_24", "ADA_32_PRO", "ADA_48_PRO", "ADA_80_PRO",
-             "HOPPER_141"}
-# Hub defaults that deliberately differ from the worker's own default: the Hub deploys onto a network volume.
-DEPLOYMENT_CHOICES = {"MODEL_DIR"}
+# RunPod's GPU pools (runpod-python's GpuGroup) and their memory in GB; hub.json's gpuIds may also hold
+# "-<GPU id>" negations. ADA_80_PRO is the H100 pool, HOPPER_141 the H200's.
+GPU_POOLS = {"AMPERE_16": 16, "AMPERE_24": 24, "AMPERE_48": 48, "AMPERE_80": 80, "ADA_24": 24, "ADA_32_PRO": 32,
+             "ADA_48_PRO": 48, "ADA_80_PRO": 80, "HOPPER_141": 141}
+# The pools of the cards every speed figure ran on (benchmarks/RESULTS.md: one H100, one H200).
+MEASURED_POOLS = {"ADA_80_PRO", "HOPPER_141"}
 # RunPod's /run payload limit: a test input must fit in a request.
 RUN_PAYLOAD_LIMIT = 10_000_000
+# What a fresh worker (no volume, no cached model) downloads before it can serve each mode, in GB: SDXL's fp16
+# files (base, refiner, fp16-fix VAE; README) and Wan2.1-I2V-14B-480P-Diffusers as the hub stores it
+# (RESULTS.md section 4, from the hub's public file listing).
+WEIGHTS_GB = {"image": 14.0, "video": 90.1}
+# RunPod marks a worker unhealthy when its start takes longer (RUNPOD_INIT_TIMEOUT's default, RunPod's docs); the
+# weights are fetched at start.
+START_LIMIT_S = 7 * 60
+# The download rate a Hub test may count on: an assumption (nothing here measured a RunPod host's rate from
+# Hugging Face), chosen low so that a test passes on a slow host too.
+ASSUMED_DOWNLOAD_GB_PER_S = 0.1
 
 
 class RecordingEnv(Mapping):
@@ -82,6 +93,10 @@ def preset_envs() -> list[tuple[str, dict[str, str]]]:
     return [(p["name"], {k: env_value(k, v) for k, v in p["defaults"].items()}) for p in HUB["config"]["presets"]]
 
 
+def hub_pools() -> list[str]:
+    """hub.json's GPU pools in its order of preference (negated GPU ids left out)."""
+    return [p.strip() for p in HUB["config"]["gpuIds"].split(",") if not p.strip().startswith("-")]
+
 def hub_test_env() -> dict[str, str]:
     return {item["key"]: item["value"] for item in TESTS["config"].get("env", [])}
 
@@ -104,12 +119,12 @@ def test_hub_json_has_the_fields_the_hub_reads():
     config = HUB["config"]
     assert config["runsOn"] == "GPU" and config["gpuCount"] == 1
     assert isinstance(config["containerDiskInGb"], int) and config["containerDiskInGb"] >= 20
-    pools = [p.strip() for p in config["gpuIds"].split(",") if not p.strip().startswith("-")]
-    assert pools and set(pools) <= GPU_POOLS, set(pools) - GPU_POOLS
+    pools = hub_pools()
+    assert pools and set(pools) <= set(GPU_POOLS), set(pools) - set(GPU_POOLS)
     for entry in config["env"]:
         spec = entry["input"]
         assert spec["name"] and spec["description"] and "default" in spec, entry["key"]
-        assert spec["type"] in ("string", "number", "boolean"), entry["key"]
+        assert spec["type"] in ("string", "number", "boolean", "huggingface"), entry["key"]
         for option in spec.get("options", []):
             assert set(option) == {"label", "value"}, entry["key"]
     for test in TESTS["tests"]:
@@ -153,18 +168,20 @@ def test_hub_inputs_are_values_the_worker_accepts(key, tmp_path):
     spec = INPUTS[key]
     default = env_value(key, spec["default"])
     try:
-        load_settings({key: default})
+        loaded = load_settings({key: default})
     except SettingsError as err:
         pytest.fail(f"hub.json's default {key}={default!r} is refused by the worker: {err}")
-    if key not in DEPLOYMENT_CHOICES:
-        # Deploying with the form untouched gives the worker's own defaults, also next to baked weights
-        # (a model id filled in by default would hide MODEL_DIR's folders).
+    # Deploying with the form untouched gives the worker's own defaults (the Hub's image has MODEL_DIR=/models
+    # and no volume)...
+    assert loaded == load_settings({}), f"hub.json's default {key}={default!r} is not the worker's default"
+    if key != "MODEL_DIR":
+        # ...also next to weights in MODEL_DIR (a model id filled in by default would hide its folders).
         for folder in ("sdxl-base", "sdxl-refiner", "sdxl-vae", "wan-i2v"):
             (tmp_path / folder).mkdir()
             (tmp_path / folder / "model_index.json").write_text("{}")
         base = {"MODEL_DIR": str(tmp_path)}
         assert load_settings(base | {key: default}) == load_settings(base), (
-            f"hub.json's default {key}={default!r} is not the worker's default")
+            f"hub.json's default {key}={default!r} hides the model folders in MODEL_DIR")
     choices = []
     if spec["type"] == "boolean":
         choices = [spec["trueValue"], spec["falseValue"]]
@@ -196,13 +213,49 @@ def test_hub_presets_are_configurations_the_worker_starts_with(name, env):
         pytest.fail(f"preset {name!r} stops the worker at start-up: {err}")
 
 
-def test_hub_tests_cover_both_modes():
-    modes = sorted(test["input"].get("mode", "image") for test in TESTS["tests"])
-    assert modes == ["image", "video"]
+def test_the_hub_form_offers_only_what_a_one_gpu_worker_runs():
+    """A worker of the Hub's endpoint has gpuCount GPUs; NUM_GPUS above that stops it at start-up."""
+    gpus = HUB["config"]["gpuCount"]
+    offered = [INPUTS["NUM_GPUS"].get("max", float("inf"))] if "NUM_GPUS" in INPUTS else []
+    offered += [int(env["NUM_GPUS"]) for _, env in preset_envs() if "NUM_GPUS" in env]
+    assert all(count <= gpus for count in offered), f"the form offers NUM_GPUS up to {max(offered)} on {gpus} GPU"
+
+
+def test_the_model_ids_are_hugging_face_inputs():
+    """The Hub form shows the model ids as Hugging Face model fields (RunPod's `huggingface` input type)."""
+    for key in ("SDXL_MODEL_ID", "SDXL_REFINER_ID", "SDXL_VAE_ID", "WAN_MODEL_ID"):
+        assert INPUTS[key]["type"] == "huggingface", key
+        default = INPUTS[key]["default"]
+        assert default == "" or re.fullmatch(r"[\w.-]+/[\w.-]+", default), (key, default)
+
+
+def test_hub_tests_run_on_a_worker_without_a_volume():
+    """Hub tests get no network volume and no cached model: nothing may point at /runpod-volume."""
+    env = hub_test_env()
+    assert not [key for key, value in env.items() if "/runpod-volume" in value], env
+    modes = [test["input"].get("mode", "image") for test in TESTS["tests"]]
+    assert "image" in modes, "tests.json no longer tests an image job"
     for test in TESTS["tests"]:
-        # Milliseconds; the first job of a worker also loads its model from disk.
-        assert test["timeout"] >= 120_000, test["name"]
         assert len(json.dumps({"input": test["input"]})) < RUN_PAYLOAD_LIMIT, test["name"]
+
+
+@pytest.mark.parametrize("test", TESTS["tests"], ids=[t["name"] for t in TESTS["tests"]])
+def test_each_hub_test_fetches_its_weights_in_time(test):
+    """A fresh test worker fetches the weights of the test's mode at start: they must fit the container disk,
+    arrive within RunPod's start-up limit, and leave the test's own time limit room for the job."""
+    needed_gb = WEIGHTS_GB[test["input"].get("mode", "image")]
+    assert needed_gb < HUB["config"]["containerDiskInGb"], test["name"]
+    download_s = needed_gb / ASSUMED_DOWNLOAD_GB_PER_S
+    assert download_s <= START_LIMIT_S, (
+        f"{test['name']}: {needed_gb} GB at {ASSUMED_DOWNLOAD_GB_PER_S} GB/s takes {download_s:.0f} s, past "
+        f"RunPod's {START_LIMIT_S} s start-up limit")
+    assert test["timeout"] >= 1000 * (download_s + 120), f"{test['name']}: no time left for loading and the job"
+
+
+def test_the_container_disk_holds_both_models_and_the_lora_cache():
+    """Without a volume every model a worker fetches lands on its container disk (the Hub's default)."""
+    lora_cache_gb = load_settings(hub_defaults()).lora_cache_bytes / 1024**3
+    assert sum(WEIGHTS_GB.values()) + lora_cache_gb < HUB["config"]["containerDiskInGb"]
 
 
 @pytest.mark.parametrize("test", TESTS["tests"], ids=[t["name"] for t in TESTS["tests"]])
