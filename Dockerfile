@@ -7,7 +7,7 @@
 
 # The base image fixes the CUDA version the host's driver must support: its NVIDIA_REQUIRE_CUDA makes
 # the container runtime refuse to start it on an older driver. torch's wheel brings its own CUDA
-# libraries, so the base only has to match torch's CUDA version (README "GPU drivers and CUDA").
+# libraries, so the base only has to match torch's CUDA version (README "The image, GPU drivers and CUDA").
 ARG CUDA_BASE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
 FROM ${CUDA_BASE}
 

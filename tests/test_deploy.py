@@ -97,6 +97,7 @@ def hub_pools() -> list[str]:
     """hub.json's GPU pools in its order of preference (negated GPU ids left out)."""
     return [p.strip() for p in HUB["config"]["gpuIds"].split(",") if not p.strip().startswith("-")]
 
+
 def hub_test_env() -> dict[str, str]:
     return {item["key"]: item["value"] for item in TESTS["config"].get("env", [])}
 
@@ -219,6 +220,18 @@ def test_the_hub_form_offers_only_what_a_one_gpu_worker_runs():
     offered = [INPUTS["NUM_GPUS"].get("max", float("inf"))] if "NUM_GPUS" in INPUTS else []
     offered += [int(env["NUM_GPUS"]) for _, env in preset_envs() if "NUM_GPUS" in env]
     assert all(count <= gpus for count in offered), f"the form offers NUM_GPUS up to {max(offered)} on {gpus} GPU"
+
+
+def test_the_hub_gpu_list_follows_the_readme():
+    """RunPod tries the pools in order: the cards the figures ran on first, none below README's advice."""
+    advice = re.search(r"(\d+) GB cards \(L40S", readme_section("Deploying on RunPod"))
+    assert advice, "README's walk-through no longer names the smallest card it advises"
+    pools = hub_pools()
+    too_small = [pool for pool in pools if GPU_POOLS[pool] < int(advice[1])]
+    assert too_small == [], f"hub.json offers {too_small}, below README's {advice[1]} GB"
+    assert pools[0] in MEASURED_POOLS, f"hub.json's first GPU pool {pools[0]} is not a card the figures ran on"
+    memory = [GPU_POOLS[pool] >= 80 for pool in pools]
+    assert memory == sorted(memory, reverse=True), f"{pools}: a 48 GB pool comes before an 80 GB one"
 
 
 def test_the_model_ids_are_hugging_face_inputs():
@@ -413,6 +426,7 @@ def test_the_module_scan_follows_packages(tmp_path):
     assert all(copied(path, copied_sources(dockerfile)) for path in needed)
     assert not copied("models/wan.py", ["handler.py", "models.py", "models/base.py"])
 
+
 def test_copied_files_exist():
     for source in copied_sources():
         assert list(ROOT.glob(source)), f"the Dockerfile copies {source}, which does not exist"
@@ -465,6 +479,15 @@ def image_pins() -> dict[str, str]:
             | pins(requirement_lines(BUILDER / "requirements-cuda13.txt")))
 
 
+def readme_section(title: str) -> str:
+    """README's section under the heading `title`, up to the next heading of the same or a higher level."""
+    text = (ROOT / "README.md").read_text()
+    heading = re.search(rf"^(#+) {re.escape(title)}\n", text, flags=re.M)
+    assert heading, f"README has no section {title!r}"
+    end = re.compile(rf"^#{{1,{len(heading[1])}}} ", flags=re.M).search(text, heading.end())
+    return text[heading.end():end.start() if end else len(text)]
+
+
 def apt_packages() -> set[str]:
     packages = set()
     for instruction, args in dockerfile_instructions():
@@ -494,6 +517,21 @@ def test_the_image_installs_the_stack_the_figures_ran_with():
     # The CUDA build too: RESULTS.md's torch 2.11.0+cu130 is PyPI's wheel, which needs the CUDA 13.0 base image.
     builds = set(re.findall(r"\btorch \d+(?:\.\d+)+\+cu(\d+)", results))
     assert builds == {"".join(map(str, cuda_of_base_image()))}, (builds, cuda_of_base_image())
+
+
+def test_readme_names_what_the_image_installs():
+    section = readme_section("The image, GPU drivers and CUDA")
+    image = image_pins()
+    unnamed = [f"{name} {image[name]}" for name in STACK if f"{name} {image[name]}" not in section]
+    assert unnamed == [], f"README's image section does not name {unnamed}"
+    # A package of the measured stack the image installs in another version must be named with both.
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    for name, version in re.findall(r"\b([a-z][\w-]*) (\d+\.\d+\.\d+)\b", results):
+        if name in image and image[name] != version:
+            assert f"{name} {version}" in section and image[name] in section, (name, version, image[name])
+    # And the test suite's own torch, which is not the image's.
+    dev_torch = pins(requirement_lines(BUILDER / "requirements.txt"))["torch"]
+    assert f"torch {dev_torch}" in section
 
 
 def test_every_cuda_variant_pairs_its_base_image_with_a_torch_of_the_same_cuda():
