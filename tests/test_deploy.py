@@ -1,6 +1,8 @@
-"""The deployment files agree with the code: RunPod Hub listing (.runpod/), Dockerfile, .dockerignore.
+"""The deployment files agree with the code: RunPod Hub listing (.runpod/), Dockerfile, .dockerignore, the
+image's package pins and what README and benchmarks/RESULTS.md say about them.
 
-No models are loaded: these read the files and call the worker's own settings and input validation.
+No models are loaded and nothing is built: these read the files, call the worker's own settings and input
+validation, and replay the Dockerfile's dependency step with a stand-in pip.
 """
 
 from __future__ import annotations
@@ -10,8 +12,13 @@ import base64
 import fnmatch
 import io
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -22,13 +29,24 @@ from settings import SettingsError, load_settings
 HUB = json.loads((ROOT / ".runpod" / "hub.json").read_text())
 TESTS = json.loads((ROOT / ".runpod" / "tests.json").read_text())
 INPUTS = {entry["key"]: entry["input"] for entry in HUB["config"]["env"]}
-# RunPod's GPU pools (runpod-python's GpuGroup); hub.json's gpuIds may also hold "-<GPU id>" negations.
-GPU_POOLS = {"AMPERE_16", "AMPERE_24", "AMPERE_48", "AMPERE_80", "ADA_24", "ADA_32_PRO", "ADA_48_PRO", "ADA_80_PRO",
-             "HOPPER_141"}
-# Hub defaults that deliberately differ from the worker's own default: the Hub deploys onto a network volume.
-DEPLOYMENT_CHOICES = {"MODEL_DIR"}
+# RunPod's GPU pools (runpod-python's GpuGroup) and their memory in GB; hub.json's gpuIds may also hold
+# "-<GPU id>" negations. ADA_80_PRO is the H100 pool, HOPPER_141 the H200's.
+GPU_POOLS = {"AMPERE_16": 16, "AMPERE_24": 24, "AMPERE_48": 48, "AMPERE_80": 80, "ADA_24": 24, "ADA_32_PRO": 32,
+             "ADA_48_PRO": 48, "ADA_80_PRO": 80, "HOPPER_141": 141}
+# The pools of the cards every speed figure ran on (benchmarks/RESULTS.md: one H100, one H200).
+MEASURED_POOLS = {"ADA_80_PRO", "HOPPER_141"}
 # RunPod's /run payload limit: a test input must fit in a request.
 RUN_PAYLOAD_LIMIT = 10_000_000
+# What a fresh worker (no volume, no cached model) downloads before it can serve each mode, in GB: SDXL's fp16
+# files (base, refiner, fp16-fix VAE; README) and Wan2.1-I2V-14B-480P-Diffusers as the hub stores it
+# (RESULTS.md section 4, from the hub's public file listing).
+WEIGHTS_GB = {"image": 14.0, "video": 90.1}
+# RunPod marks a worker unhealthy when its start takes longer (RUNPOD_INIT_TIMEOUT's default, RunPod's docs); the
+# weights are fetched at start.
+START_LIMIT_S = 7 * 60
+# The download rate a Hub test may count on: an assumption (nothing here measured a RunPod host's rate from
+# Hugging Face), chosen low so that a test passes on a slow host too.
+ASSUMED_DOWNLOAD_GB_PER_S = 0.1
 
 
 class RecordingEnv(Mapping):
@@ -75,6 +93,11 @@ def preset_envs() -> list[tuple[str, dict[str, str]]]:
     return [(p["name"], {k: env_value(k, v) for k, v in p["defaults"].items()}) for p in HUB["config"]["presets"]]
 
 
+def hub_pools() -> list[str]:
+    """hub.json's GPU pools in its order of preference (negated GPU ids left out)."""
+    return [p.strip() for p in HUB["config"]["gpuIds"].split(",") if not p.strip().startswith("-")]
+
+
 def hub_test_env() -> dict[str, str]:
     return {item["key"]: item["value"] for item in TESTS["config"].get("env", [])}
 
@@ -97,12 +120,12 @@ def test_hub_json_has_the_fields_the_hub_reads():
     config = HUB["config"]
     assert config["runsOn"] == "GPU" and config["gpuCount"] == 1
     assert isinstance(config["containerDiskInGb"], int) and config["containerDiskInGb"] >= 20
-    pools = [p.strip() for p in config["gpuIds"].split(",") if not p.strip().startswith("-")]
-    assert pools and set(pools) <= GPU_POOLS, set(pools) - GPU_POOLS
+    pools = hub_pools()
+    assert pools and set(pools) <= set(GPU_POOLS), set(pools) - set(GPU_POOLS)
     for entry in config["env"]:
         spec = entry["input"]
         assert spec["name"] and spec["description"] and "default" in spec, entry["key"]
-        assert spec["type"] in ("string", "number", "boolean"), entry["key"]
+        assert spec["type"] in ("string", "number", "boolean", "huggingface"), entry["key"]
         for option in spec.get("options", []):
             assert set(option) == {"label", "value"}, entry["key"]
     for test in TESTS["tests"]:
@@ -146,18 +169,20 @@ def test_hub_inputs_are_values_the_worker_accepts(key, tmp_path):
     spec = INPUTS[key]
     default = env_value(key, spec["default"])
     try:
-        load_settings({key: default})
+        loaded = load_settings({key: default})
     except SettingsError as err:
         pytest.fail(f"hub.json's default {key}={default!r} is refused by the worker: {err}")
-    if key not in DEPLOYMENT_CHOICES:
-        # Deploying with the form untouched gives the worker's own defaults, also next to baked weights
-        # (a model id filled in by default would hide MODEL_DIR's folders).
+    # Deploying with the form untouched gives the worker's own defaults (the Hub's image has MODEL_DIR=/models
+    # and no volume)...
+    assert loaded == load_settings({}), f"hub.json's default {key}={default!r} is not the worker's default"
+    if key != "MODEL_DIR":
+        # ...also next to weights in MODEL_DIR (a model id filled in by default would hide its folders).
         for folder in ("sdxl-base", "sdxl-refiner", "sdxl-vae", "wan-i2v"):
             (tmp_path / folder).mkdir()
             (tmp_path / folder / "model_index.json").write_text("{}")
         base = {"MODEL_DIR": str(tmp_path)}
         assert load_settings(base | {key: default}) == load_settings(base), (
-            f"hub.json's default {key}={default!r} is not the worker's default")
+            f"hub.json's default {key}={default!r} hides the model folders in MODEL_DIR")
     choices = []
     if spec["type"] == "boolean":
         choices = [spec["trueValue"], spec["falseValue"]]
@@ -189,13 +214,61 @@ def test_hub_presets_are_configurations_the_worker_starts_with(name, env):
         pytest.fail(f"preset {name!r} stops the worker at start-up: {err}")
 
 
-def test_hub_tests_cover_both_modes():
-    modes = sorted(test["input"].get("mode", "image") for test in TESTS["tests"])
-    assert modes == ["image", "video"]
+def test_the_hub_form_offers_only_what_a_one_gpu_worker_runs():
+    """A worker of the Hub's endpoint has gpuCount GPUs; NUM_GPUS above that stops it at start-up."""
+    gpus = HUB["config"]["gpuCount"]
+    offered = [INPUTS["NUM_GPUS"].get("max", float("inf"))] if "NUM_GPUS" in INPUTS else []
+    offered += [int(env["NUM_GPUS"]) for _, env in preset_envs() if "NUM_GPUS" in env]
+    assert all(count <= gpus for count in offered), f"the form offers NUM_GPUS up to {max(offered)} on {gpus} GPU"
+
+
+def test_the_hub_gpu_list_follows_the_readme():
+    """RunPod tries the pools in order: the cards the figures ran on first, none below README's advice."""
+    advice = re.search(r"(\d+) GB cards \(L40S", readme_section("Deploying on RunPod"))
+    assert advice, "README's walk-through no longer names the smallest card it advises"
+    pools = hub_pools()
+    too_small = [pool for pool in pools if GPU_POOLS[pool] < int(advice[1])]
+    assert too_small == [], f"hub.json offers {too_small}, below README's {advice[1]} GB"
+    assert pools[0] in MEASURED_POOLS, f"hub.json's first GPU pool {pools[0]} is not a card the figures ran on"
+    memory = [GPU_POOLS[pool] >= 80 for pool in pools]
+    assert memory == sorted(memory, reverse=True), f"{pools}: a 48 GB pool comes before an 80 GB one"
+
+
+def test_the_model_ids_are_hugging_face_inputs():
+    """The Hub form shows the model ids as Hugging Face model fields (RunPod's `huggingface` input type)."""
+    for key in ("SDXL_MODEL_ID", "SDXL_REFINER_ID", "SDXL_VAE_ID", "WAN_MODEL_ID"):
+        assert INPUTS[key]["type"] == "huggingface", key
+        default = INPUTS[key]["default"]
+        assert default == "" or re.fullmatch(r"[\w.-]+/[\w.-]+", default), (key, default)
+
+
+def test_hub_tests_run_on_a_worker_without_a_volume():
+    """Hub tests get no network volume and no cached model: nothing may point at /runpod-volume."""
+    env = hub_test_env()
+    assert not [key for key, value in env.items() if "/runpod-volume" in value], env
+    modes = [test["input"].get("mode", "image") for test in TESTS["tests"]]
+    assert "image" in modes, "tests.json no longer tests an image job"
     for test in TESTS["tests"]:
-        # Milliseconds; the first job of a worker also loads its model from disk.
-        assert test["timeout"] >= 120_000, test["name"]
         assert len(json.dumps({"input": test["input"]})) < RUN_PAYLOAD_LIMIT, test["name"]
+
+
+@pytest.mark.parametrize("test", TESTS["tests"], ids=[t["name"] for t in TESTS["tests"]])
+def test_each_hub_test_fetches_its_weights_in_time(test):
+    """A fresh test worker fetches the weights of the test's mode at start: they must fit the container disk,
+    arrive within RunPod's start-up limit, and leave the test's own time limit room for the job."""
+    needed_gb = WEIGHTS_GB[test["input"].get("mode", "image")]
+    assert needed_gb < HUB["config"]["containerDiskInGb"], test["name"]
+    download_s = needed_gb / ASSUMED_DOWNLOAD_GB_PER_S
+    assert download_s <= START_LIMIT_S, (
+        f"{test['name']}: {needed_gb} GB at {ASSUMED_DOWNLOAD_GB_PER_S} GB/s takes {download_s:.0f} s, past "
+        f"RunPod's {START_LIMIT_S} s start-up limit")
+    assert test["timeout"] >= 1000 * (download_s + 120), f"{test['name']}: no time left for loading and the job"
+
+
+def test_the_container_disk_holds_both_models_and_the_lora_cache():
+    """Without a volume every model a worker fetches lands on its container disk (the Hub's default)."""
+    lora_cache_gb = load_settings(hub_defaults()).lora_cache_bytes / 1024**3
+    assert sum(WEIGHTS_GB.values()) + lora_cache_gb < HUB["config"]["containerDiskInGb"]
 
 
 @pytest.mark.parametrize("test", TESTS["tests"], ids=[t["name"] for t in TESTS["tests"]])
@@ -219,10 +292,11 @@ def test_hub_test_inputs_pass_the_workers_validation(test):
 # ----------------------------------------------------------------------------------------------
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+def dockerfile_instructions(text: str | None = None) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs of the Dockerfile (or of `text`), continuation lines joined, comments
+    dropped."""
     joined, current = [], ""
-    for line in (ROOT / "Dockerfile").read_text().splitlines():
+    for line in ((ROOT / "Dockerfile").read_text() if text is None else text).splitlines():
         if not current and line.lstrip().startswith("#"):
             continue
         current += line.rstrip()
@@ -235,40 +309,58 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return [(text.split(None, 1)[0].upper(), text.split(None, 1)[1] if " " in text else "") for text in joined]
 
 
-def copied_sources() -> list[str]:
+def copied_sources(dockerfile: str | None = None) -> list[str]:
     sources = []
-    for instruction, args in dockerfile_instructions():
+    for instruction, args in dockerfile_instructions(dockerfile):
         if instruction in ("COPY", "ADD"):
             words = [w for w in args.split() if not w.startswith("--")]
             sources += words[:-1]
     return sources
 
 
-def top_level_imports(module: str) -> set[str]:
-    """Top-level modules of this repository that `module` imports anywhere (functions included)."""
-    tree = ast.parse((ROOT / f"{module}.py").read_text())
+def copied(path: str, sources: list[str]) -> bool:
+    """Whether a COPY source brings `path` into the image: a file (pattern) matching it, or a folder above it."""
+    return any(fnmatch.fnmatchcase(path, source) or path.startswith(source.rstrip("/") + "/") for source in sources)
+
+
+def module_files(name: str, root: Path = ROOT) -> list[str]:
+    """The files of the repository's top-level module `name`, relative to `root`: name.py, or every .py file
+    of the package name/; none for a module from elsewhere."""
+    if (root / f"{name}.py").is_file():
+        return [f"{name}.py"]
+    if (root / name / "__init__.py").is_file():
+        return sorted(path.relative_to(root).as_posix() for path in (root / name).rglob("*.py")
+                      if "__pycache__" not in path.parts)
+    return []
+
+
+def repository_imports(path: str, root: Path = ROOT) -> set[str]:
+    """Top-level modules and packages of the repository that the file `path` imports anywhere (functions
+    included; a package's relative imports stay inside the package, all of whose files are counted)."""
     names = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse((root / path).read_text())):
         if isinstance(node, ast.Import):
             names |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
-    return {name for name in names if (ROOT / f"{name}.py").is_file()}
+    return {name for name in names if module_files(name, root)}
 
 
-def modules_the_image_runs() -> set[str]:
-    """handler.py, every script a RUN/CMD line names, and every repository module they import, transitively."""
-    scripts = {"handler"}
-    for instruction, args in dockerfile_instructions():
+def files_the_image_runs(root: Path = ROOT, dockerfile: str | None = None) -> set[str]:
+    """handler.py, every script a RUN/CMD line names, and the files of every repository module and package
+    they import, transitively."""
+    modules = {"handler"}
+    for instruction, args in dockerfile_instructions(dockerfile):
         if instruction in ("RUN", "CMD"):
-            scripts |= {name for name in re.findall(r"([A-Za-z_]\w*)\.py\b", args) if (ROOT / f"{name}.py").is_file()}
-    seen, todo = set(), list(scripts)
+            modules |= {name for name in re.findall(r"([A-Za-z_]\w*)\.py\b", args) if (root / f"{name}.py").is_file()}
+    seen, todo = set(), list(modules)
     while todo:
         module = todo.pop()
         if module not in seen:
             seen.add(module)
-            todo += top_level_imports(module) - seen
-    return {f"{module}.py" for module in seen}
+            for path in module_files(module, root):
+                todo += repository_imports(path, root) - seen
+    return {path for module in seen for path in module_files(module, root)}
 
 
 def dockerignore_patterns() -> list[tuple[bool, re.Pattern]]:
@@ -309,14 +401,30 @@ def ignored(path: str) -> bool:
 
 
 def test_dockerfile_copies_every_module_the_image_runs():
-    needed = modules_the_image_runs()
+    needed = files_the_image_runs()
     # The import scan itself must see the handler's modules, or this test would pass on nothing.
-    assert {"handler.py", "model_handler.py", "schemas.py", "settings.py", "download_weights.py"} <= needed
+    assert {"handler.py", "schemas.py", "settings.py", "download_weights.py"} <= needed
     sources = copied_sources()
-    missing = {m for m in needed if not any(fnmatch.fnmatchcase(m, source) for source in sources)}
+    missing = {path for path in needed if not copied(path, sources)}
     assert missing == set(), f"the Dockerfile does not COPY {sorted(missing)}"
     left_out = {m for m in needed | {"builder/requirements.txt", "test_input.json"} if ignored(m)}
     assert left_out == set(), f".dockerignore leaves {sorted(left_out)} out of the build context"
+
+
+def test_the_module_scan_follows_packages(tmp_path):
+    # Guards the scan above on a made-up repository: a package imported by the handler counts with all its
+    # files and what they import, and only copying its folder brings it into the image.
+    files = {"handler.py": "import settings\n\ndef main():\n    from models.wan import Wan\n",
+             "settings.py": "", "models/__init__.py": "", "models/wan.py": "from . import base\nimport video_utils\n",
+             "models/base.py": "", "video_utils.py": "import numpy\n", "unused.py": ""}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    dockerfile = 'COPY handler.py settings.py video_utils.py ./\nCOPY models/ ./models/\nCMD ["python", "handler.py"]\n'
+    needed = files_the_image_runs(tmp_path, dockerfile)
+    assert needed == set(files) - {"unused.py"}
+    assert all(copied(path, copied_sources(dockerfile)) for path in needed)
+    assert not copied("models/wan.py", ["handler.py", "models.py", "models/base.py"])
 
 
 def test_copied_files_exist():
@@ -338,3 +446,176 @@ def test_dockerignore_keeps_local_state_out_of_the_build_context(path):
 def test_dockerignore_matcher_can_say_no():
     # Guards the helper above: a matcher that ignores everything would pass the test before it.
     assert not ignored("handler.py") and not ignored("builder/requirements.txt")
+    # models/ is the worker's package; only the tiny test models inside it stay out.
+    assert not ignored("models/__init__.py") and ignored("models/tiny/wan-i2v/model_index.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# The image's packages: what it installs, and that README and RESULTS.md say the same
+# ----------------------------------------------------------------------------------------------
+BUILDER = ROOT / "builder"
+# The packages whose versions the figures depend on and RESULTS.md states.
+STACK = ("torch", "transformers", "diffusers", "torchao", "fa3-fwd", "runpod")
+
+
+def package_name(requirement: str) -> str:
+    """The normalised name of a requirement line (PEP 503: case and runs of -_. do not matter)."""
+    return re.sub(r"[-_.]+", "-", re.match(r"\s*([A-Za-z0-9_.-]+)", requirement)[1]).lower()
+
+
+def requirement_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def pins(lines: list[str]) -> dict[str, str]:
+    return {package_name(line): line.split("==", 1)[1].strip() for line in lines if "==" in line}
+
+
+def image_pins() -> dict[str, str]:
+    """What the default image pins: requirements.txt, with requirements-image.txt's versions in place of its
+    own, and requirements-cuda13.txt (the default image's torch is a CUDA 13 build)."""
+    return (pins(requirement_lines(BUILDER / "requirements.txt"))
+            | pins(requirement_lines(BUILDER / "requirements-image.txt"))
+            | pins(requirement_lines(BUILDER / "requirements-cuda13.txt")))
+
+
+def readme_section(title: str) -> str:
+    """README's section under the heading `title`, up to the next heading of the same or a higher level."""
+    text = (ROOT / "README.md").read_text()
+    heading = re.search(rf"^(#+) {re.escape(title)}\n", text, flags=re.M)
+    assert heading, f"README has no section {title!r}"
+    end = re.compile(rf"^#{{1,{len(heading[1])}}} ", flags=re.M).search(text, heading.end())
+    return text[heading.end():end.start() if end else len(text)]
+
+
+def apt_packages() -> set[str]:
+    packages = set()
+    for instruction, args in dockerfile_instructions():
+        if instruction == "RUN":
+            for command in re.findall(r"apt-get install ([^&;|]+)", args):
+                packages |= {word for word in command.split() if not word.startswith("-")}
+    return packages
+
+
+def test_the_image_has_what_torch_compile_builds_with():
+    # triton builds its kernel launcher at run time with a C compiler (gcc, or clang, or $CC) and Python's
+    # headers (sysconfig's include folder: /usr/include/python3.12 on Ubuntu 24.04, from python3-dev);
+    # `--no-install-recommends` leaves out libc6-dev, which gcc only recommends; inductor compiles graph parts
+    # that run on the CPU with g++. Without them WAN_COMPILE and SDXL_COMPILE fail at their first kernel.
+    assert "--no-install-recommends" in " ".join(args for _, args in dockerfile_instructions())
+    missing = {"gcc", "g++", "libc6-dev", "python3-dev"} - apt_packages()
+    assert missing == set(), f"the image does not install {sorted(missing)}"
+
+
+def test_the_image_installs_the_stack_the_figures_ran_with():
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    image = image_pins()
+    for name in STACK:
+        stated = set(re.findall(rf"\b{re.escape(name)} (\d+(?:\.\d+)+)", results))
+        assert stated, f"RESULTS.md names no version of {name}"
+        assert stated == {image[name]}, f"the figures ran with {name} {sorted(stated)}, the image has {image[name]}"
+    # The CUDA build too: RESULTS.md's torch 2.11.0+cu130 is PyPI's wheel, which needs the CUDA 13.0 base image.
+    builds = set(re.findall(r"\btorch \d+(?:\.\d+)+\+cu(\d+)", results))
+    assert builds == {"".join(map(str, cuda_of_base_image()))}, (builds, cuda_of_base_image())
+
+
+def test_readme_names_what_the_image_installs():
+    section = readme_section("The image, GPU drivers and CUDA")
+    image = image_pins()
+    unnamed = [f"{name} {image[name]}" for name in STACK if f"{name} {image[name]}" not in section]
+    assert unnamed == [], f"README's image section does not name {unnamed}"
+    # A package of the measured stack the image installs in another version must be named with both.
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    for name, version in re.findall(r"\b([a-z][\w-]*) (\d+\.\d+\.\d+)\b", results):
+        if name in image and image[name] != version:
+            assert f"{name} {version}" in section and image[name] in section, (name, version, image[name])
+    # And the test suite's own torch, which is not the image's.
+    dev_torch = pins(requirement_lines(BUILDER / "requirements.txt"))["torch"]
+    assert f"torch {dev_torch}" in section
+
+
+def test_every_cuda_variant_pairs_its_base_image_with_a_torch_of_the_same_cuda():
+    """A CUDA 12.8 base with a CUDA 13 torch would start on R570 hosts and fail at the first kernel."""
+    for name in ("Dockerfile", "README.md"):
+        text = (ROOT / name).read_text()
+        variants = re.findall(r"CUDA_BASE=nvidia/cuda:(\d+)\.(\d+)\.\d+-\S+.{0,200}?TORCH_INDEX_URL=\S*/cu(\d+)",
+                              text, flags=re.S)
+        assert variants, f"{name} shows no CUDA variant build"
+        for major, minor, torch_cuda in variants:
+            assert torch_cuda == f"{major}{minor}", f"{name}: base CUDA {major}.{minor} with torch cu{torch_cuda}"
+
+
+PIP_STAND_IN = """#!/bin/sh
+# Records the call and the requirement lines of every -r file, in place of installing anything.
+{
+  echo "CALL $*"
+  while [ $# -gt 0 ]; do
+    if [ "$1" = "-r" ]; then grep -vE '^[[:space:]]*(#|$)' "$2" | sed 's/^/REQ /'; shift; fi
+    shift
+  done
+} >> "$PIP_LOG"
+"""
+
+
+def replay_dependency_step(tmp_path: Path, torch_cuda: str, index_url: str = "") -> list[dict]:
+    """Run the Dockerfile's dependency RUN line as `docker build` would (sh, the files its COPY line brings,
+    TORCH_INDEX_URL), with a pip that records what it is asked to install and a torch of the given CUDA."""
+    instructions = dockerfile_instructions()
+    copy = next(args.split() for instruction, args in instructions
+                if instruction == "COPY" and "builder/requirements-image.txt" in args)
+    sources, dest = copy[:-1], copy[-1].rstrip("/")
+    run = next(args for instruction, args in instructions if instruction == "RUN" and f"{dest}/" in args)
+    builder = tmp_path / "builder"
+    builder.mkdir()
+    for source in sources:
+        shutil.copy(ROOT / source, builder)
+    bin_dir, fake = tmp_path / "bin", tmp_path / "fake" / "torch"
+    bin_dir.mkdir()
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(f"class version:\n    cuda = {torch_cuda!r}\n")
+    (bin_dir / "pip").write_text(PIP_STAND_IN)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    log = tmp_path / "pip.log"
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(tmp_path / "fake"), "PIP_LOG": str(log),
+           "TORCH_INDEX_URL": index_url}
+    done = subprocess.run(["sh", "-c", run.replace(dest, str(builder))], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = []
+    for line in log.read_text().splitlines():
+        if line.startswith("CALL "):
+            calls.append({"args": line[5:].split(), "requirements": []})
+        else:
+            calls[-1]["requirements"].append(line[4:])
+    return calls
+
+
+def installed(calls: list[dict]) -> list[str]:
+    return [line for call in calls if call["args"][0] == "install" for line in call["requirements"]]
+
+
+def test_the_default_image_installs_the_gpu_stack_in_place_of_the_test_suites(tmp_path):
+    calls = replay_dependency_step(tmp_path, torch_cuda="13.0")
+    lines = installed(calls)
+    names = [package_name(line) for line in lines]
+    assert len(names) == len(set(names)), f"a package is asked for twice: {sorted(lines)}"
+    assert pins(lines) == image_pins()
+    runtime = requirement_lines(BUILDER / "requirements.txt")
+    replaced = set(pins(requirement_lines(BUILDER / "requirements-image.txt")))
+    assert {line for line in runtime if package_name(line) not in replaced} <= set(lines)
+    assert not {line for line in runtime if package_name(line) in replaced} & set(lines)
+    assert calls[-1]["args"] == ["check"], "the build does not end with pip check"
+
+
+def test_the_cuda_12_image_takes_torch_from_its_index_and_leaves_out_fa3(tmp_path):
+    url = "https://download.pytorch.org/whl/cu128"
+    calls = replay_dependency_step(tmp_path, torch_cuda="12.8", index_url=url)
+    image_torch = pins(requirement_lines(BUILDER / "requirements-image.txt"))["torch"]
+    first = calls[0]
+    assert "--index-url" in first["args"] and first["args"][first["args"].index("--index-url") + 1] == url
+    assert first["requirements"] == [f"torch=={image_torch}"]
+    lines = installed(calls)
+    assert pins(lines)["torch"] == image_torch
+    cuda13_only = set(pins(requirement_lines(BUILDER / "requirements-cuda13.txt")))
+    assert cuda13_only and not cuda13_only & {package_name(line) for line in lines}
