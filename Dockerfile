@@ -48,7 +48,7 @@ ENV HF_HOME=/runpod-volume/huggingface-cache \
 # benchmarks and local caches out of the build context.
 WORKDIR /app
 COPY handler.py model_handler.py schemas.py settings.py storage.py video_utils.py fetch.py loras.py parallel.py \
-     download_weights.py test_input.json ./
+     weights.py download_weights.py test_input.json ./
 
 # Optional: bake weights into the image ("sdxl", "wan" or "all"); the worker finds them in
 # /models/<name> (MODEL_DIR) before looking at the HF cache. Wan is re-saved in bf16 on the way,
