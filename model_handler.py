@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import weights
 from loras import LoraCache, PipelineLoras, lora_disabled
 from schemas import ImageJob, LoraSpec, VideoJob, validate_input
 from settings import Settings
@@ -52,7 +53,8 @@ class GenerationError(RuntimeError):
 
 
 class ModelUnavailable(GenerationError):
-    """Weights are missing locally; the message names the env var and the fetch command."""
+    """The weights are not on this worker and cannot be fetched (weights.py); the message names the model, the
+    places looked at and the fix."""
 
 
 class JobCancelled(GenerationError):
@@ -244,16 +246,15 @@ class SdxlModel(_Model):
         from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
         s, dtype = self.settings, self._dtype(torch.float16)
-        with _missing_weights("SDXL_VAE_ID", s.sdxl_vae_id, "sdxl"):
-            vae = AutoencoderKL.from_pretrained(s.sdxl_vae_id, dtype=dtype, local_files_only=True)
-        with _missing_weights("SDXL_MODEL_ID", s.sdxl_model_id, "sdxl"):
-            base = StableDiffusionXLPipeline.from_pretrained(
-                s.sdxl_model_id, vae=vae, dtype=dtype, variant="fp16", use_safetensors=True,
-                add_watermarker=False, local_files_only=True)
-        with _missing_weights("SDXL_REFINER_ID", s.sdxl_refiner_id, "sdxl"):
-            refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-                s.sdxl_refiner_id, vae=vae, text_encoder_2=base.text_encoder_2, dtype=dtype, variant="fp16",
-                use_safetensors=True, add_watermarker=False, local_files_only=True)
+        folder = {name: weights.local_folder(name, location, s.weights_download) for name, location in
+                  (("sdxl-vae", s.sdxl_vae_id), ("sdxl-base", s.sdxl_model_id), ("sdxl-refiner", s.sdxl_refiner_id))}
+        vae = AutoencoderKL.from_pretrained(folder["sdxl-vae"], dtype=dtype, local_files_only=True)
+        base = StableDiffusionXLPipeline.from_pretrained(
+            folder["sdxl-base"], vae=vae, dtype=dtype, variant="fp16", use_safetensors=True,
+            add_watermarker=False, local_files_only=True)
+        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            folder["sdxl-refiner"], vae=vae, text_encoder_2=base.text_encoder_2, dtype=dtype, variant="fp16",
+            use_safetensors=True, add_watermarker=False, local_files_only=True)
         for pipe in (base, refiner):
             pipe.set_progress_bar_config(disable=True)
             if self.compiled:
@@ -327,6 +328,7 @@ class WanModel(_Model):
     def __init__(self, settings: Settings, device: torch.device, placement: Placement) -> None:
         super().__init__(settings, device)
         self.pipe = None
+        self.folder: str | None = None  # where load() found the weights
         self.placement = placement
         self.compiled = settings.wan_compile
         self.fp8 = _use_fp8(settings.wan_fp8, device, placement.wan_profile)
@@ -341,25 +343,26 @@ class WanModel(_Model):
         from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
         from transformers import CLIPVisionModel, UMT5EncoderModel
 
-        model_id, low, fp8 = self.settings.wan_model_id, self._dtype(torch.bfloat16), self.fp8
+        model_id = self.folder = weights.local_folder("wan-i2v", self.settings.wan_model_id,
+                                                      self.settings.weights_download)
+        low, fp8 = self._dtype(torch.bfloat16), self.fp8
         profile = self.placement.wan_profile
         # Resident weights load straight into GPU memory instead of through a CPU copy; the transformer
         # comes first and is quantized there at once (float8 implies "full"), so float8 loads at disk speed too.
         where = {"device_map": str(self.device)} if self.device.type == "cuda" and profile == "full" else {}
-        with _missing_weights("WAN_MODEL_ID", model_id, "wan"):
-            transformer = WanTransformer3DModel.from_pretrained(model_id, subfolder="transformer", dtype=low,
-                                                                local_files_only=True, **where)
-            if fp8:
-                _quantize_fp8(transformer)
-            # The model card's recipe: image encoder and VAE in float32 (the VAE in bf16 with WAN_VAE_DTYPE,
-            # on CPU too, so the tests run the same switch).
-            components = {"image_encoder": (CLIPVisionModel, torch.float32),
-                          "vae": (AutoencoderKLWan, getattr(torch, self.settings.wan_vae_dtype)),
-                          "text_encoder": (UMT5EncoderModel, low)}
-            loaded = {name: cls.from_pretrained(model_id, subfolder=name, dtype=dtype, local_files_only=True, **where)
-                      for name, (cls, dtype) in components.items()}
-            pipe = WanImageToVideoPipeline.from_pretrained(model_id, dtype=low, local_files_only=True,
-                                                           transformer=transformer, **loaded)
+        transformer = WanTransformer3DModel.from_pretrained(model_id, subfolder="transformer", dtype=low,
+                                                            local_files_only=True, **where)
+        if fp8:
+            _quantize_fp8(transformer)
+        # The model card's recipe: image encoder and VAE in float32 (the VAE in bf16 with WAN_VAE_DTYPE,
+        # on CPU too, so the tests run the same switch).
+        components = {"image_encoder": (CLIPVisionModel, torch.float32),
+                      "vae": (AutoencoderKLWan, getattr(torch, self.settings.wan_vae_dtype)),
+                      "text_encoder": (UMT5EncoderModel, low)}
+        loaded = {name: cls.from_pretrained(model_id, subfolder=name, dtype=dtype, local_files_only=True, **where)
+                  for name, (cls, dtype) in components.items()}
+        pipe = WanImageToVideoPipeline.from_pretrained(model_id, dtype=low, local_files_only=True,
+                                                       transformer=transformer, **loaded)
         pipe.set_progress_bar_config(disable=True)
         if profile == "full":
             pipe.to(self.device)
@@ -420,7 +423,7 @@ class WanModel(_Model):
     def _new_loras(self) -> PipelineLoras:
         # Fused adapters are unloaded, so the compiled blocks still match.
         return PipelineLoras(self.pipe, "transformer", "the Wan2.1 I2V transformer", unload_fused=True,
-                             requantize=_fp8_requantizer(self.settings.wan_model_id) if self.fp8 else None)
+                             requantize=_fp8_requantizer(self.folder) if self.fp8 else None)
 
     def generate(self, job: VideoJob, image: Image.Image, progress: Progress | None = None,
                  cancelled: Cancelled | None = None, on_frames: Callable[[np.ndarray], None] | None = None,
@@ -790,26 +793,6 @@ def _step_callback(progress: Progress | None, phase: str, offset: int, total: in
         return kwargs
 
     return callback
-
-
-class _missing_weights:
-    """Turn 'not in the local cache' into one sentence naming the env var and the fetch command."""
-
-    def __init__(self, env_var: str, model_id: str, group: str) -> None:
-        self.env_var, self.model_id, self.group = env_var, model_id, group
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
-        # from_pretrained(local_files_only=True) raises OSError for a hub id not in the cache and
-        # for a folder that does not exist or lacks the files.
-        if exc_type is not None and issubclass(exc_type, OSError):
-            raise ModelUnavailable(
-                f"Model weights for {self.env_var}={self.model_id!r} are not available locally; fetch them with "
-                f"'python download_weights.py --only {self.group}' or point {self.env_var} at a model folder."
-            ) from exc
-        return False
 
 
 class _friendly_oom:
