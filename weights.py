@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,6 +50,10 @@ PROGRESS_EVERY_S = 10.0  # a progress line at least this often ...
 PROGRESS_EVERY_SHARE = 0.05  # ... or whenever another 5% has arrived
 
 
+class NotEnoughDisk(Exception):
+    """The disk the weights would be fetched to has less room than they need."""
+
+
 def with_retries(fn: Callable[[], str], what: str, tries: int = 5, first_wait_s: float = 5.0,
                  permanent: tuple[type[BaseException], ...] = ()) -> str:
     """Run fn, retrying with exponential backoff: hub downloads of 70 GB do hit transient errors.
@@ -78,16 +83,19 @@ def local_folder(name: str, location: str, download: bool, volume: Path = VOLUME
     if _is_path(location):
         return _model_folder(Path(location).expanduser(), spec)
     baked = Path(os.environ.get("MODEL_DIR") or "/models") / name
-    if location == spec["repo_id"] and _holds_model(baked):  # settings pass the hub id when the env var names it
+    # Settings look in MODEL_DIR only when the variable is unset; the default id, named, finds baked weights too.
+    if location == spec["repo_id"] and _holds_model(baked):
         return str(baked)
     caches = _hf_caches(volume)
     found = _cached(location, spec["allow_patterns"], caches) or _runpod_cached(location, _runpod_cache(volume))
     if found:
         return found
-    looked = ", ".join(str(p) for p in ([baked] if location == spec["repo_id"] else []) + caches)
-    fixes = (f"set the endpoint's Model to {location}, mount a network volume holding it, "
-             f"{'' if download else 'set WEIGHTS_DOWNLOAD=1, '}or bake it into the image with "
-             f"BAKE_WEIGHTS={spec['group']}")
+    default = location == spec["repo_id"]
+    looked = ", ".join(str(p) for p in ([baked] if default else []) + caches)
+    fixes = [f"set the endpoint's Model to {location}", "mount a network volume holding it",
+             *([] if download else ["set WEIGHTS_DOWNLOAD=1"]),
+             *([f"bake it into the image with BAKE_WEIGHTS={spec['group']}"] if default else [])]  # bakes defaults only
+    fixes = ", ".join(fixes[:-1]) + ", or " + fixes[-1]
     if not download:
         raise _unavailable(f"The weights of {location} ({spec['env']}) are not on this worker (looked in "
                            f"{looked}) and WEIGHTS_DOWNLOAD=0 forbids fetching them; {fixes}.")
@@ -190,11 +198,11 @@ def download_cache(volume: Path = VOLUME) -> Path:
 
 def fetch(repo_id: str, patterns: list[str], cache: Path) -> str:
     """snapshot_download the repository's `patterns` into `cache`, logging progress; returns the snapshot.
-    Transient failures are retried; a repository that does not exist or is gated is not."""
+    Transient failures are retried; a repository that does not exist or is gated, or a disk too small, is not."""
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     return with_retries(lambda: _fetch_once(repo_id, patterns, cache), f"fetching {repo_id}", tries=3,
-                        permanent=(RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError))
+                        permanent=(RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, NotEnoughDisk))
 
 
 def _fetch_once(repo_id: str, patterns: list[str], cache: Path) -> str:
@@ -205,9 +213,14 @@ def _fetch_once(repo_id: str, patterns: list[str], cache: Path) -> str:
     siblings = HfApi().model_info(repo_id, files_metadata=True).siblings or []
     wanted = set(filter_repo_objects([s.rfilename for s in siblings], allow_patterns=patterns))
     total = sum(s.size or 0 for s in siblings if s.rfilename in wanted)
+    blobs = cache / _repo_folder(repo_id) / "blobs"
+    # Refused before the first byte rather than when the disk fills up, tens of GB later.
+    needed, free = total - _bytes_in(blobs), _free_bytes(cache)
+    if needed > free:
+        raise NotEnoughDisk(f"{_size(needed)} needed, {_size(free)} free in {cache}")
     log.info("fetching %s (%d files, %s) into %s", repo_id, len(wanted), _size(total), cache)
     start = time.monotonic()
-    with _progress_lines(repo_id, cache / _repo_folder(repo_id) / "blobs", total):
+    with _progress_lines(repo_id, blobs, total):
         folder = snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache, tqdm_class=_no_bars())
     log.info("fetched %s: %s in %.1f s, into %s", repo_id, _size(total), time.monotonic() - start, folder)
     return folder
@@ -249,6 +262,12 @@ def _bytes_in(folder: Path) -> int:
         except OSError:
             continue
     return total
+
+
+def _free_bytes(folder: Path) -> int:
+    while not folder.exists():  # the cache may not exist yet: its disk is that of the nearest existing parent
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
 
 
 def _size(n: float) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from conftest import ROOT, png_b64
+from conftest import ROOT, ApiServer, png_b64
 from media import probe_mp4
 
 import weights
@@ -38,9 +38,10 @@ class StandInHub(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, repos: dict[str, Path]) -> None:
+    def __init__(self, repos: dict[str, Path], claimed_sizes: dict[str, int] | None = None) -> None:
         super().__init__(("127.0.0.1", 0), _HubRequest)
         self.repos = repos
+        self.claimed_sizes = claimed_sizes or {}  # repo -> the size model info gives each of its files
         self.requests: list[str] = []
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
@@ -83,7 +84,8 @@ class _HubRequest(BaseHTTPRequestHandler):
                         for name, f in self.server.files(repo).items()])
         elif api:
             self._json({"id": repo, "sha": self.server.commit(repo), "siblings": [
-                {"rfilename": name, "size": f.stat().st_size} for name, f in self.server.files(repo).items()]})
+                {"rfilename": name, "size": self.server.claimed_sizes.get(repo, f.stat().st_size)}
+                for name, f in self.server.files(repo).items()]})
         elif rest[:1] == ["resolve"] and "/".join(rest[2:]) in self.server.files(repo):
             self._file(repo, self.server.files(repo)["/".join(rest[2:])], body)
         else:
@@ -118,7 +120,8 @@ def _git_oid(file: Path) -> str:
 
 @pytest.fixture(scope="module")
 def hub(tiny_dir: Path) -> Iterator[StandInHub]:
-    server = StandInHub({weights.REAL_MODELS[name]["repo_id"]: tiny_dir / name for name in weights.REAL_MODELS})
+    repos = {weights.REAL_MODELS[name]["repo_id"]: tiny_dir / name for name in weights.REAL_MODELS}
+    server = StandInHub(repos | {"someone/huge-model": tiny_dir / "wan-i2v"}, {"someone/huge-model": 10**15})
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server
     server.shutdown()
@@ -175,15 +178,30 @@ def test_weights_download_0_names_the_model_where_it_looked_and_the_fix(hub, tmp
     assert error in log, log[-3000:]
 
 
-def test_a_model_the_hub_does_not_have_fails_its_job_with_the_reason(hub, tmp_path):
-    out, log = start_worker(hub, tmp_path, tmp_path / "hf", {"WAN_MODEL_ID": "someone/no-such-model"})
-    assert out.returncode == 1
-    assert len(hub.repo_requests()) == 1  # asked once: a repository that does not exist is not retried
-    sentence = re.search(r"The weights of someone/no-such-model \(WAN_MODEL_ID\) are not on this worker \(looked "
-                         r"in [^)]*\) and fetching them failed \(RepositoryNotFoundError: [^)]*\); set the endpoint's "
-                         r"Model to someone/no-such-model, mount a network volume holding it, or bake it into the "
-                         r"image with BAKE_WEIGHTS=wan\.", log)
-    assert sentence, log[-3000:]
+def test_a_model_the_hub_lacks_or_too_big_for_the_disk_fails_its_job_and_the_worker_serves_on(hub, tiny_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    env = {"MODEL_DIR": str(tmp_path / "empty"), "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub.url,
+           "SDXL_VAE_ID": "someone/no-such-model", "WAN_MODEL_ID": "someone/huge-model"}
+    server = ApiServer(env, tmp_path / "server.log")
+    try:
+        hub.requests.clear()
+        image = server.runsync({"prompt": "a lighthouse", "height": 128, "width": 128})
+        assert len(hub.repo_requests()) == 1  # asked once: a repository that does not exist is not retried
+        video = server.runsync(JOB["input"])
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
+    def sentence(repo: str, env_var: str, reason: str) -> str:
+        return (rf"The weights of {repo} \({env_var}\) are not on this worker \(looked in [^)]*\) and fetching them "
+                rf"failed \({reason}\); set the endpoint's Model to {repo}, or mount a network volume holding it\.")
+
+    assert re.fullmatch(sentence("someone/no-such-model", "SDXL_VAE_ID", "RepositoryNotFoundError: [^)]*"),
+                        image["error"]), image
+    # The stand-in says each file is 1 PB: the worker refuses before fetching a byte.
+    claimed = len([f for f in (tiny_dir / "wan-i2v").rglob("*") if f.is_file()]) * 10**15 / 1e9
+    no_room = rf"NotEnoughDisk: {claimed:.1f} GB needed, [\d.]+ [GM]B free in {re.escape(str(tmp_path / 'hf' / 'hub'))}"
+    assert re.fullmatch(sentence("someone/huge-model", "WAN_MODEL_ID", no_room), video["error"]), video
+    assert not (tmp_path / "hf" / "hub" / "models--someone--huge-model" / "blobs").exists()
 
 
 def test_runpods_cached_model_is_found_whatever_its_letter_case(tiny_dir, tmp_path):
