@@ -64,7 +64,7 @@ ENV HF_HOME=/runpod-volume/huggingface-cache \
 # .dockerignore keeps tests, benchmarks, the tiny test models and local caches out of the build context.
 WORKDIR /app
 COPY handler.py jobs.py plan.py errors.py logs.py model_handler.py schemas.py settings.py storage.py video_utils.py \
-     fetch.py loras.py parallel.py download_weights.py test_input.json ./
+     fetch.py loras.py parallel.py weights.py download_weights.py test_input.json ./
 COPY models/ ./models/
 
 # Optional: bake weights into the image ("sdxl", "wan" or "all"); the worker finds them in

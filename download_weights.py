@@ -25,46 +25,14 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-# What each real model needs from the hub: SDXL in its fp16 variant only (half the bytes).
-REAL_MODELS: dict[str, dict] = {
-    "sdxl-base": {
-        "repo_id": "stabilityai/stable-diffusion-xl-base-1.0",
-        "allow_patterns": ["*.json", "*.txt", "**/*.fp16.safetensors"],
-    },
-    "sdxl-refiner": {
-        "repo_id": "stabilityai/stable-diffusion-xl-refiner-1.0",
-        "allow_patterns": ["*.json", "*.txt", "**/*.fp16.safetensors"],
-    },
-    "sdxl-vae": {
-        "repo_id": "madebyollin/sdxl-vae-fp16-fix",
-        "allow_patterns": ["config.json", "diffusion_pytorch_model.safetensors"],
-    },
-    "wan-i2v": {
-        "repo_id": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
-        "allow_patterns": ["*.json", "*.txt", "*.model", "**/*.safetensors", "**/*.json"],
-    },
-}
-GROUPS = {"sdxl": ["sdxl-base", "sdxl-refiner", "sdxl-vae"], "wan": ["wan-i2v"]}
+# The table of real models and the retry wrapper are shared with the worker, which fetches missing weights itself.
+from weights import GROUPS, REAL_MODELS, with_retries
+
 # Wan components the worker runs in bf16 but the hub stores in float32; the others stay as stored
 # (the VAE and CLIP image encoder run in float32, as the model card says).
 COMPACT_COMPONENTS = ("transformer", "text_encoder")
-
-
-def with_retries(fn: Callable[[], str], what: str, tries: int = 5, first_wait_s: float = 5.0) -> str:
-    """Run fn, retrying with exponential backoff: hub downloads of 70 GB do hit transient errors."""
-    for attempt in range(1, tries + 1):
-        try:
-            return fn()
-        except Exception as err:  # noqa: BLE001 - any network/hub failure is worth another try
-            if attempt == tries:
-                raise
-            wait = first_wait_s * 2 ** (attempt - 1)
-            print(f"{what}: attempt {attempt}/{tries} failed ({err}); retrying in {wait:.0f}s", flush=True)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
 
 
 def float32_share(folder: Path) -> float:
@@ -417,9 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     names = GROUPS[args.only] if args.only else [n for group in GROUPS.values() for n in group]
     paths = download_real(names, args.dir)
     if args.dir:
-        env = {"sdxl-base": "SDXL_MODEL_ID", "sdxl-refiner": "SDXL_REFINER_ID",
-               "sdxl-vae": "SDXL_VAE_ID", "wan-i2v": "WAN_MODEL_ID"}
-        print("set: " + " ".join(f"{env[n]}={p}" for n, p in paths.items()))
+        print("set: " + " ".join(f"{REAL_MODELS[n]['env']}={p}" for n, p in paths.items()))
     return 0
 
 

@@ -29,7 +29,8 @@ class GenerationError(RuntimeError):
 
 
 class ModelUnavailable(GenerationError):
-    """Weights are missing locally; the message names the model, where it looked and the fix."""
+    """The weights are not on this worker and cannot be fetched (weights.py); the message names the model, the
+    places looked at and the fix."""
 
 
 class JobCancelled(GenerationError):

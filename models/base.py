@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from errors import GenerationError, JobCancelled, ModelUnavailable
+from errors import GenerationError, JobCancelled
 from loras import LoraCache, PipelineLoras
 from models.compile_cache import CompileCache, cache_key, compile_seconds, lookups
 from schemas import LoraSpec
@@ -144,19 +144,6 @@ def step_callback(progress: Progress | None, phase: str, offset: int, total: int
         return kwargs
 
     return callback
-
-
-@contextmanager
-def missing_weights(env_var: str, model_id: str, group: str) -> Iterator[None]:
-    """Turn 'not in the local cache' into one sentence naming the env var and the fetch command."""
-    try:
-        yield
-    except OSError as err:
-        # from_pretrained(local_files_only=True) raises OSError for a hub id not in the cache and
-        # for a folder that does not exist or lacks the files.
-        raise ModelUnavailable(
-            f"Model weights for {env_var}={model_id!r} are not available locally; fetch them with "
-            f"'python download_weights.py --only {group}' or point {env_var} at a model folder.") from err
 
 
 @contextmanager

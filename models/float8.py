@@ -40,18 +40,15 @@ def config() -> Any:
     return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
 
 
-def requantizer(model_id: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
+def requantizer(model_folder: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
     """For fusing a LoRA under WAN_FP8: the transformer's weight `name` plus `delta`, quantized as WAN_FP8 does.
 
     From the weight in the model files, not the dequantized float8 one: that lies on the float8 grid,
     where a LoRA's change smaller than half a step would round back to nothing.
     """
-    from huggingface_hub import snapshot_download
     from safetensors import safe_open
 
-    root = Path(model_id) if Path(model_id).is_dir() else Path(
-        snapshot_download(model_id, allow_patterns=["transformer/*"], local_files_only=True))
-    folder = root / "transformer"
+    folder = Path(model_folder) / "transformer"
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     files = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
     opened: dict[str, Any] = {}  # one open per file, not per weight

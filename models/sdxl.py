@@ -12,8 +12,9 @@ import time
 import torch
 from PIL import Image
 
+import weights
 from loras import PipelineLoras, lora_disabled
-from models.base import Cancelled, Model, Progress, free_memory, friendly_oom, missing_weights, step_callback
+from models.base import Cancelled, Model, Progress, free_memory, friendly_oom, step_callback
 from schemas import SCHEDULERS, ImageJob, validate_input
 from settings import Settings
 
@@ -46,16 +47,15 @@ class SdxlModel(Model):
         from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
         s, dtype = self.settings, self._dtype(torch.float16)
-        with missing_weights("SDXL_VAE_ID", s.sdxl_vae_id, "sdxl"):
-            vae = AutoencoderKL.from_pretrained(s.sdxl_vae_id, dtype=dtype, local_files_only=True)
-        with missing_weights("SDXL_MODEL_ID", s.sdxl_model_id, "sdxl"):
-            base = StableDiffusionXLPipeline.from_pretrained(
-                s.sdxl_model_id, vae=vae, dtype=dtype, variant="fp16", use_safetensors=True,
-                add_watermarker=False, local_files_only=True)
-        with missing_weights("SDXL_REFINER_ID", s.sdxl_refiner_id, "sdxl"):
-            refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-                s.sdxl_refiner_id, vae=vae, text_encoder_2=base.text_encoder_2, dtype=dtype, variant="fp16",
-                use_safetensors=True, add_watermarker=False, local_files_only=True)
+        folder = {name: weights.local_folder(name, location, s.weights_download) for name, location in
+                  (("sdxl-vae", s.sdxl_vae_id), ("sdxl-base", s.sdxl_model_id), ("sdxl-refiner", s.sdxl_refiner_id))}
+        vae = AutoencoderKL.from_pretrained(folder["sdxl-vae"], dtype=dtype, local_files_only=True)
+        base = StableDiffusionXLPipeline.from_pretrained(
+            folder["sdxl-base"], vae=vae, dtype=dtype, variant="fp16", use_safetensors=True, add_watermarker=False,
+            local_files_only=True)
+        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            folder["sdxl-refiner"], vae=vae, text_encoder_2=base.text_encoder_2, dtype=dtype, variant="fp16",
+            use_safetensors=True, add_watermarker=False, local_files_only=True)
         for pipe in (base, refiner):
             pipe.set_progress_bar_config(disable=True)
             if self.compiled:

@@ -20,19 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+import weights
 from loras import PipelineLoras
 from models import float8
-from models.base import (
-    Cancelled,
-    Model,
-    Progress,
-    Stopwatch,
-    free_memory,
-    friendly_oom,
-    missing_weights,
-    step_callback,
-    stored_bytes,
-)
+from models.base import Cancelled, Model, Progress, Stopwatch, free_memory, friendly_oom, step_callback, stored_bytes
 from models.step_cache import step_cache
 from models.vae import channels_last_convs, decoded_frames, reused_encoder_work, uint8_frames
 from plan import Placement
@@ -75,6 +66,7 @@ class WanModel(Model):
         self.placement = placement
         self.compiled = settings.wan_compile
         self.fp8, self.fp8_attention = settings.wan_fp8, settings.wan_fp8_attention
+        self.folder: str | None = None  # where load() found the weights
 
     def load(self) -> float:
         """Load the pipeline and apply the speed switches; returns seconds spent (0.0 when already loaded)."""
@@ -98,7 +90,7 @@ class WanModel(Model):
         self.pipe = pipe
         seconds = time.perf_counter() - start
         log.info("Wan2.1 I2V loaded on %s in %.1f s: %s (profile %s, fp8 %s, fp8 attention %s, compile %s, VAE %s)",
-                 self.device, seconds, phases.summary(stored_bytes(self.settings.wan_model_id, COMPONENTS)),
+                 self.device, seconds, phases.summary(stored_bytes(self.folder, COMPONENTS)),
                  self.placement.wan_profile, self.fp8, self.fp8_attention, self.compiled, self.settings.wan_vae_dtype)
         return seconds
 
@@ -107,28 +99,29 @@ class WanModel(Model):
             from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
             from transformers import CLIPVisionModel, UMT5EncoderModel
 
-        model_id, low = self.settings.wan_model_id, self._dtype(torch.bfloat16)
+        model_id = self.folder = weights.local_folder("wan-i2v", self.settings.wan_model_id,
+                                                      self.settings.weights_download)
+        low = self._dtype(torch.bfloat16)
         # Resident weights load straight into GPU memory instead of through a CPU copy; the transformer
         # comes first and is quantized there at once (float8 implies "full"), so float8 loads at disk speed too.
         where = ({"device_map": str(self.device)} if self.device.type == "cuda" and self.placement.wan_profile == "full"
                  else {})
-        with missing_weights("WAN_MODEL_ID", model_id, "wan"):
-            with phases("weights"):
-                transformer = WanTransformer3DModel.from_pretrained(model_id, subfolder="transformer", dtype=low,
-                                                                    local_files_only=True, **where)
-            if self.fp8:
-                with phases("quantizing"):
-                    float8.quantize(transformer)
-            # The model card's recipe: image encoder and VAE in float32 (the VAE in bf16 with WAN_VAE_DTYPE,
-            # on CPU too, so the tests run the same switch).
-            components = {"image_encoder": (CLIPVisionModel, torch.float32),
-                          "vae": (AutoencoderKLWan, getattr(torch, self.settings.wan_vae_dtype)),
-                          "text_encoder": (UMT5EncoderModel, low)}
-            with phases("weights"):
-                loaded = {name: cls.from_pretrained(model_id, subfolder=name, dtype=dtype, local_files_only=True,
-                                                    **where) for name, (cls, dtype) in components.items()}
-                pipe = WanImageToVideoPipeline.from_pretrained(model_id, dtype=low, local_files_only=True,
-                                                               transformer=transformer, **loaded)
+        with phases("weights"):
+            transformer = WanTransformer3DModel.from_pretrained(model_id, subfolder="transformer", dtype=low,
+                                                                local_files_only=True, **where)
+        if self.fp8:
+            with phases("quantizing"):
+                float8.quantize(transformer)
+        # The model card's recipe: image encoder and VAE in float32 (the VAE in bf16 with WAN_VAE_DTYPE,
+        # on CPU too, so the tests run the same switch).
+        components = {"image_encoder": (CLIPVisionModel, torch.float32),
+                      "vae": (AutoencoderKLWan, getattr(torch, self.settings.wan_vae_dtype)),
+                      "text_encoder": (UMT5EncoderModel, low)}
+        with phases("weights"):
+            loaded = {name: cls.from_pretrained(model_id, subfolder=name, dtype=dtype, local_files_only=True,
+                                                **where) for name, (cls, dtype) in components.items()}
+            pipe = WanImageToVideoPipeline.from_pretrained(model_id, dtype=low, local_files_only=True,
+                                                           transformer=transformer, **loaded)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -178,7 +171,7 @@ class WanModel(Model):
     def _new_loras(self) -> PipelineLoras:
         # Fused adapters are unloaded, so the compiled blocks still match.
         return PipelineLoras(self.pipe, "transformer", "the Wan2.1 I2V transformer", unload_fused=True,
-                             requantize=float8.requantizer(self.settings.wan_model_id) if self.fp8 else None)
+                             requantize=float8.requantizer(self.folder) if self.fp8 else None)
 
     def generate(self, job: VideoJob, image: Image.Image, progress: Progress | None = None,
                  cancelled: Cancelled | None = None, on_frames: Frames | None = None,

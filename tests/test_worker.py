@@ -333,9 +333,10 @@ def test_out_of_memory_becomes_advice_and_the_next_job_succeeds(run_job, tiny_mo
 def test_missing_weights_name_the_env_var_and_the_fetch_command(make_worker, tmp_path):
     worker = make_worker({"WAN_MODEL_ID": str(tmp_path / "nowhere")}, new_models=True)
     result = worker.run({"id": "x", "input": {**VIDEO, "image_url": png_b64()}})
-    assert result == {"error": f"Model weights for WAN_MODEL_ID='{tmp_path / 'nowhere'}' are not available locally; "
-                               f"fetch them with 'python download_weights.py --only wan' or point WAN_MODEL_ID at "
-                               f"a model folder."}
+    assert result == {"error": f"WAN_MODEL_ID='{tmp_path / 'nowhere'}' is not a model folder (no model_index.json "
+                               f"or config.json in it); point WAN_MODEL_ID at a folder written by 'python "
+                               f"download_weights.py --dir DIR', or at a hub id such as "
+                               f"Wan-AI/Wan2.1-I2V-14B-480P-Diffusers."}
     (tmp_path / "nowhere").symlink_to(worker.settings.sdxl_model_id.replace("sdxl-base", "wan-i2v"))
     # The same worker serves the next job once the weights are there.
     assert "video" in worker.run({"id": "y", "input": {**VIDEO, "image_url": png_b64()}})
