@@ -146,7 +146,7 @@ def build_worker(settings: Settings) -> Worker:
     per further GPU. Raises SettingsError for a setup that cannot run."""
     plan = decide(settings)
     log_plan(plan)
-    logs.quiet_third_party(uses_torchao=plan.settings.wan_fp8)
+    logs.quiet_third_party()
     return Worker(plan.settings, ModelHandler(plan))
 
 

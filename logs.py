@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 
@@ -23,17 +22,15 @@ def seconds_since_start() -> float:
         return float("nan")
 
 
-def quiet_third_party(uses_torchao: bool) -> None:
+def quiet_third_party() -> None:
     """Keep third-party notices that read like failures out of the worker's log; the worker's own lines stay.
 
-    Called before diffusers or transformers is imported; `uses_torchao`: WAN_FP8 applies (the plan's decision).
+    Called before diffusers or transformers is imported.
     """
-    if not uses_torchao:
-        # torchao serves WAN_FP8 only, yet transformers' and diffusers' quantizer registries import it
-        # whenever it is installed, and it then reports its optional kernels as "Failed to load".
-        sys.modules.setdefault("torchao", None)
-    for name in ("torchao", "torch.utils._pytree"):  # the same notices when WAN_FP8 does use it
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # The worker uses no torchao, yet transformers' and diffusers' quantizer registries import it whenever it
+    # is installed (a user's image may have it), and it then reports its optional kernels as "Failed to load".
+    sys.modules.setdefault("torchao", None)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     import diffusers.utils.logging
     import transformers.utils.logging
 
@@ -46,5 +43,3 @@ def quiet_third_party(uses_torchao: bool) -> None:
         handlers += library.get_logger(name).handlers
     for handler in handlers:
         handler.addFilter(lambda record: not any(text in record.getMessage() for text in harmless))
-    # Python 3.12 flags escape sequences in torchao's docstrings when it compiles them (no .pyc yet).
-    warnings.filterwarnings("ignore", category=SyntaxWarning)

@@ -238,12 +238,12 @@ class PipelineLoras:
     """The LoRA adapters loaded into one diffusers pipeline, which of them are active, and fusing.
 
     `denoiser` is the component that runs every step ("unet" or "transformer"): the only one
-    fused, since the text encoders run once per job. For a denoiser quantized by torchao (WAN_FP8),
-    `requantize(name, delta)` gives the weight `name` plus `delta`, quantized as the model's weights are:
-    fusing copies its values into the weight. With `unload_fused` (a pipeline whose only LoRA component
-    is the denoiser), fusing also unloads the adapters, which leaves the denoiser's modules as they were
-    when compiled: a compiled model runs the fused LoRA compiled, and the next job with another set
-    loads its LoRAs again (from the local LoRA cache).
+    fused, since the text encoders run once per job. For a denoiser with float8 layers (WAN_FP8),
+    `requantize(name, delta)` gives the weight `name` plus `delta`, quantized as the model's weights are
+    (the layer's tensors by name): fusing copies them into the layer's own. With `unload_fused` (a pipeline
+    whose only LoRA component is the denoiser), fusing also unloads the adapters, which leaves the
+    denoiser's modules as they were when compiled: a compiled model runs the fused LoRA compiled, and the
+    next job with another set loads its LoRAs again (from the local LoRA cache).
     """
 
     def __init__(self, pipe: Any, denoiser: str, model_words: str, *,
@@ -361,11 +361,11 @@ class PipelineLoras:
                 continue
             base = layer.get_base_layer()
             self._originals[base] = {k: t.to("cpu", copy=True) for k, t in _weight_tensors(base).items()}
-            if hasattr(layer, "get_apply_tensor_subclass"):  # torchao-quantized weights (WAN_FP8)
+            if hasattr(base, "weight_scale"):  # a float8 layer (WAN_FP8): PEFT cannot add to float8 weights
                 # Into the tensors compiled code has seen (PEFT's own merge swaps in new ones).
-                delta = sum(layer.get_delta_weight(n) for n in here).detach().to(base.weight.dtype)
-                for part, tensor in _tensor_parts(self.requantize(f"{name}.weight", delta)).items():
-                    getattr(base.weight, part).copy_(tensor)
+                delta = sum(layer.get_delta_weight(n) for n in here).detach().to(base.compute_dtype)
+                for key, tensor in self.requantize(f"{name}.weight", delta).items():
+                    getattr(base, key).copy_(tensor)
                 layer.merged_adapters.extend(here)
             else:
                 layer.merge(adapter_names=here)
@@ -387,15 +387,9 @@ class PipelineLoras:
 
 
 def _weight_tensors(linear: Any) -> dict[str, Any]:
-    """The plain tensors holding a linear layer's weights: a torchao weight's inner ones (values, scales)."""
-    if hasattr(linear.weight, "__tensor_flatten__"):
-        return _tensor_parts(linear.weight)
-    return {"weight": linear.weight.data} | ({"bias": linear.bias.data} if linear.bias is not None else {})
-
-
-def _tensor_parts(weight: Any) -> dict[str, Any]:
-    """A torchao tensor's inner tensors by attribute name (its float8 values and scales, say)."""
-    return {key: getattr(weight, key) for key in weight.__tensor_flatten__()[0]}
+    """The tensors holding a linear layer's weights (a float8 layer's scales too), by attribute name."""
+    own = [*linear.named_parameters(recurse=False), *linear.named_buffers(recurse=False)]
+    return {name: tensor.data for name, tensor in own}
 
 
 def _misfit(err: Exception, state: dict[str, Any]) -> str:

@@ -120,7 +120,7 @@ def follower_main() -> None:
     box: list[Any] = [None]
     dist.broadcast_object_list(box, src=0, group=group.jobs)
     plan: Plan = box[0]
-    logs.quiet_third_party(uses_torchao=plan.settings.wan_fp8)
+    logs.quiet_third_party()
     device = torch.device(f"cuda:{rank}" if device_type == "cuda" else "cpu")
     wan = ParallelWan(WanModel(plan.settings, device, plan.placement), group)
     while True:

@@ -59,7 +59,7 @@ class Settings:
     fetch_timeout_s: float = 15.0
     # Speed and memory levers (README "Speed and memory"); each is switchable.
     memory_profile: str = "auto"  # auto | full | offload | lowvram
-    wan_fp8: bool = False  # torchao float8 weights+activations for the transformer's block linears
+    wan_fp8: bool = False  # float8 weights+activations for the transformer's block linears (models/float8.py)
     wan_fp8_attention: bool = False  # the blocks' self-attention in float8 (FlashAttention-3, Hopper)
     wan_compile: bool = False  # regional torch.compile of the Wan transformer blocks, warmed up at start
     wan_vae_dtype: str = "float32"  # the model card's; bfloat16 halves the VAE's encode + decode time

@@ -1,7 +1,8 @@
 """Float8 for the Wan transformer: the blocks' linears (WAN_FP8) and their self-attention (WAN_FP8_ATTENTION).
 
-Weights: torchao's float8 weights with dynamic per-row float8 activations on the blocks' linear
-layers; a fused LoRA is re-quantized from the stored weights (`requantizer`). Attention:
+Weights: the blocks' linear layers become `Float8Linear` (float8 weights with one scale per row,
+activations quantized per row at run time, torch._scaled_mm); a fused LoRA is re-quantized from the
+stored weights (`requantizer`). Attention:
 FlashAttention-3's float8 forward (fa3-fwd, Hopper) with centred keys/values and per-head scales,
 emulated in plain torch on CPU so the tests run its arithmetic. Whether either applies is
 decided once at start-up (plan.decide), which also runs `attention_self_check` on a Hopper GPU.
@@ -22,29 +23,64 @@ from errors import first_line
 SELF_CHECK_MAX_ERROR = 0.1
 
 
+FLOAT8 = torch.float8_e4m3fn
+FLOAT8_MAX = torch.finfo(FLOAT8).max
+
+
+class Float8Linear(torch.nn.Linear):
+    """A linear layer in float8 held as plain tensors: the weight (out, in) with one scale per output row, the
+    input quantized per row as it arrives, both multiplied by torch._scaled_mm.
+
+    No tensor subclass (torchao's float8 weights are one), so torch.compile traces it as it traces a bf16
+    layer and torch's caches can hold the traced graph. To PEFT it is an nn.Linear; `compute_dtype` tells
+    PEFT the dtype its LoRA layers run in.
+    """
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 compute_dtype: torch.dtype) -> None:
+        torch.nn.Module.__init__(self)  # nn.Linear's own __init__ would allocate a full-precision weight
+        self.out_features, self.in_features = weight.shape
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.compute_dtype = compute_dtype
+
+    @classmethod
+    def of(cls, linear: torch.nn.Linear) -> Float8Linear:
+        weight, scale = quantize_rows(linear.weight.detach())
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(weight, scale, bias, linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, scale = quantize_rows(x.reshape(-1, self.in_features))
+        out = torch._scaled_mm(rows, self.weight.t(), scale_a=scale, scale_b=self.weight_scale.t(), bias=self.bias,
+                               out_dtype=x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2-D tensor in float8, one float32 scale per row (rows, 1): each row's largest value maps to 448."""
+    scale = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FLOAT8_MAX
+    return (t.float() / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8), scale
+
+
 def quantize(transformer: torch.nn.Module) -> None:
-    """Float8 weights and dynamic float8 activations (per row) for the transformer blocks' linears.
+    """The transformer blocks' linear layers in float8 (weights, and activations per row at run time).
 
     The embedders and the output projection stay in bf16: they are small and most sensitive.
     """
-    from torchao.quantization import quantize_
-
-    quantize_(transformer, config(),
-              filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear) and fqn.startswith("blocks."))
-
-
-def config() -> Any:
-    """WAN_FP8's torchao config (fusing a LoRA re-quantizes the merged weights with it)."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
-
-    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    for name, module in list(transformer.named_modules()):
+        for child, layer in list(module.named_children()):
+            if isinstance(layer, torch.nn.Linear) and f"{name}.{child}".startswith("blocks."):
+                setattr(module, child, Float8Linear.of(layer))
 
 
-def requantizer(model_folder: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
-    """For fusing a LoRA under WAN_FP8: the transformer's weight `name` plus `delta`, quantized as WAN_FP8 does.
+def requantizer(model_folder: str) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """For fusing a LoRA under WAN_FP8: the transformer's weight `name` plus `delta`, quantized as WAN_FP8 does,
+    as the float8 layer's tensors ("weight", "weight_scale").
 
-    From the weight in the model files, not the dequantized float8 one: that lies on the float8 grid,
-    where a LoRA's change smaller than half a step would round back to nothing.
+    From the weight in the model files, not the float8 one: that lies on the float8 grid, where a LoRA's
+    change smaller than half a step would round back to nothing.
     """
     from safetensors import safe_open
 
@@ -53,17 +89,12 @@ def requantizer(model_folder: str) -> Callable[[str, torch.Tensor], torch.Tensor
     files = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
     opened: dict[str, Any] = {}  # one open per file, not per weight
 
-    def requantize(name: str, delta: torch.Tensor) -> torch.Tensor:
-        from torchao.quantization import quantize_
-
+    def requantize(name: str, delta: torch.Tensor) -> dict[str, torch.Tensor]:
         file = files.get(name, "diffusion_pytorch_model.safetensors")
         if file not in opened:
             opened[file] = safe_open(folder / file, framework="pt")
-        holder = torch.nn.Linear(delta.shape[1], delta.shape[0], bias=False, device="meta")
-        stored = opened[file].get_tensor(name).to(delta.device, delta.dtype)
-        holder.weight = torch.nn.Parameter(stored + delta, requires_grad=False)
-        quantize_(holder, config())
-        return holder.weight
+        weight, scale = quantize_rows(opened[file].get_tensor(name).to(delta.device, delta.dtype) + delta)
+        return {"weight": weight, "weight_scale": scale}
 
     return requantize
 

@@ -455,7 +455,7 @@ def test_dockerignore_matcher_can_say_no():
 # ----------------------------------------------------------------------------------------------
 BUILDER = ROOT / "builder"
 # The packages whose versions the figures depend on and RESULTS.md states.
-STACK = ("torch", "transformers", "diffusers", "torchao", "fa3-fwd", "runpod")
+STACK = ("torch", "transformers", "diffusers", "fa3-fwd", "runpod")
 
 
 def package_name(requirement: str) -> str:
