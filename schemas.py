@@ -76,6 +76,7 @@ class Param:
     max_length: int | None = None
     items: dict[str, Param] | None = None  # with type list: each entry is an object with these fields
     max_items: int | None = None
+    names_file: bool = False  # str: the value becomes part of a file path, which cannot hold a NUL
 
     def allowed(self) -> str:
         """What values are allowed, as words; used in errors and in the README tables."""
@@ -116,10 +117,10 @@ OUTPUT = Param(str, "Where results go: 'auto' uploads to the bucket when one is 
 LORA_FIELDS: dict[str, Param] = {
     "path": Param(str, "An http(s) URL of a .safetensors file, a Hugging Face repo id ('owner/name', optionally "
                        "followed by '/file.safetensors'), or an absolute path under the model cache or /runpod-volume.",
-                  required=True, max_length=2_048),
+                  required=True, max_length=2_048, names_file=True),
     "scale": Param(float, "Strength of the LoRA.", default=1.0, minimum=-LORA_SCALE_LIMIT, maximum=LORA_SCALE_LIMIT),
     "weight_name": Param(str, "File inside a hub repo given as 'owner/name'; pytorch_lora_weights.safetensors "
-                              "when absent.", max_length=512),
+                              "when absent.", max_length=512, names_file=True),
 }
 LORAS = Param(list, "LoRA adapters applied to this job only (see 'LoRAs' below); each entry is "
                     "{\"path\": ..., \"scale\": 1.0}.", items=LORA_FIELDS, max_items=MAX_LORAS)
@@ -204,10 +205,30 @@ def _kind(value: Any) -> str:
         type(value), "number")
 
 
+def _received(value: Any) -> str:
+    """'string 'abc'', 'number 3', or 'null' (whose repr would only repeat it as None)."""
+    return "null" if value is None else f"{_kind(value)} {shorten(value)}"
+
+
+def _check_text(name: str, param: Param, value: str) -> None:
+    """Text the libraries below can take: UTF-8 encodable (JSON can carry a lone UTF-16 surrogate, "\\ud800",
+    which tokenizers, file systems and HTTP refuse) and, where it becomes a path, without NUL."""
+    if not value.isascii():  # the common case costs nothing, even for 28 M characters of base64
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InputError(f"Field '{name}' must be valid Unicode text, got {shorten(value)}, which holds a lone "
+                             f"UTF-16 surrogate ({value[err.start]!r}) at character {err.start + 1}; send whole "
+                             f"characters (a complete surrogate pair, or the text as UTF-8).") from None
+    if param.names_file and "\0" in value:
+        raise InputError(f"Field '{name}' must not hold a NUL character, got {shorten(value)} (NUL at character "
+                         f"{value.index(chr(0)) + 1}); no file path can hold one.")
+
+
 def _coerce(name: str, param: Param, value: Any) -> Any:
     """Check one field's type and bounds; returns the value in its Python type."""
     def bad() -> InputError:
-        return InputError(f"Field '{name}' must be {param.allowed()}, got {_kind(value)} {shorten(value)}.")
+        return InputError(f"Field '{name}' must be {param.allowed()}, got {_received(value)}.")
 
     if param.type is int:
         if isinstance(value, float) and value.is_integer():
@@ -224,6 +245,8 @@ def _coerce(name: str, param: Param, value: Any) -> Any:
         return _coerce_items(name, param, value)
     elif not isinstance(value, param.type):
         raise bad()
+    elif param.type is str:
+        _check_text(name, param, value)
 
     if param.choices is not None and value not in param.choices:
         raise bad()
@@ -246,8 +269,8 @@ def _coerce_items(name: str, param: Param, value: list) -> list[dict[str, Any]]:
     for i, item in enumerate(value):
         where = f"{name}[{i}]"
         if not isinstance(item, dict):
-            raise InputError(f"Field '{where}' must be an object with {', '.join(param.items)}, got {_kind(item)} "
-                             f"{shorten(item)}.")
+            raise InputError(f"Field '{where}' must be an object with {', '.join(param.items)}, got "
+                             f"{_received(item)}.")
         unknown = sorted(str(k) for k in item if k not in param.items)
         if unknown:
             raise InputError(f"Field '{where}' has the unknown key {shorten(unknown[0])}; allowed keys are: "
@@ -298,7 +321,7 @@ def parse_source(path: str, label: str, roots: Iterable[str], weight_name: str |
                  scale: float = 1.0) -> LoraSpec:
     """Check a LoRA path's form (and, for a local file, that it lies inside `roots`); no I/O besides realpath."""
     text = path.strip()
-    shown = shorten(text, 100)
+    shown = shorten(text or path, 100)  # a blank path is shown as sent, not as ''
     if re.match(r"^https?://", text, flags=re.I):
         if weight_name:
             raise InputError(f"{label} is a URL, {shown}, so weight_name (which picks a file in a hub repo) must "
@@ -503,7 +526,8 @@ def _check_pixels(job: ImageJob, settings: Settings) -> None:
 
 def _check_video(job: VideoJob, settings: Settings) -> None:
     if not job.prompt.strip():
-        raise InputError("Field 'prompt' must describe the video, got an empty string.")
+        got = "an empty string" if not job.prompt else f"{shorten(job.prompt)}, which is only white space"
+        raise InputError(f"Field 'prompt' must describe the video, got {got}.")
     if (job.height is None) != (job.width is None):
         given = "height" if job.height is not None else "width"
         raise InputError(f"Field '{given}' was given without its partner; send both height and width, "

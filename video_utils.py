@@ -97,7 +97,7 @@ def _b64decode(payload: str, field: str, max_bytes: int) -> bytes | None:
 def decode_image(data: bytes, field: str, *, max_pixels: int) -> Image.Image:
     """Decode image bytes to RGB, refusing non-images, truncated files and decompression bombs."""
     if not data:
-        raise InputError(f"Field '{field}' holds no data; send a PNG, JPEG or WebP image.")
+        raise InputError(f"Field '{field}' holds no data; send a {FORMAT_WORDS}.")
     head = "".join(chr(b) if 32 <= b < 127 else "." for b in data[:16])  # printable ASCII only
     try:
         with warnings.catch_warnings():

@@ -267,6 +267,10 @@ def test_loras_field_is_validated_entry_by_entry():
          "Field 'loras[1].scale' must be a number from -4 to 4, got string '1'."),
         ([{"path": "a/b"}] * 5, "Field 'loras' holds 5 entries; at most 4 are allowed."),
         (["a/b"], "Field 'loras[0]' must be an object with path, scale, weight_name, got string 'a/b'."),
+        ([None], "Field 'loras[0]' must be an object with path, scale, weight_name, got null."),
+        ([{"path": " "}], "Field 'loras[0].path' must be an http(s) URL, a Hugging Face repo id ('owner/name', "
+                          "optionally followed by '/file.safetensors') or an absolute path of a .safetensors file, "
+                          "got ' '."),
         ([{"scale": 1}], "Field 'loras[0].path' is required and must be a string of at most 2,048 characters."),
         ([{"path": "a/b", "strength": 1}],
          "Field 'loras[0]' has the unknown key 'strength'; allowed keys are: path, scale, weight_name."),
