@@ -14,7 +14,6 @@ module loads no model and starts nothing; `runpod.serverless.start` runs only un
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import logging
 import os
@@ -22,14 +21,13 @@ import sys
 import threading
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 from model_handler import Cancelled, GenerationError, ModelHandler, free_memory
-from schemas import ImageJob, InputError, VideoJob, size_image_job, size_video_job, validate_input
+from schemas import ImageJob, InputError, ResourceError, VideoJob, size_image_job, size_video_job, validate_input
 from settings import Settings, SettingsError, load_settings
-from storage import Artifact, DeliveryError, deliver
-from video_utils import Mp4Stream, cover, load_image_input, png_bytes
+from storage import Artifact, DeliveryError, check_folders, deliver, save_local
+from video_utils import Mp4Stream, cover, load_image_input, png_bytes, remove_leftovers
 
 log = logging.getLogger("worker")
 
@@ -50,7 +48,7 @@ class Worker:
             return self._image(job, spec, cancelled)
         except InputError as err:  # a refusal: no generation ran, so there is nothing to free
             return {"error": str(err)}
-        except (GenerationError, DeliveryError) as err:
+        except (GenerationError, DeliveryError, ResourceError) as err:
             free_memory()
             return {"error": str(err)}
         except Exception as err:  # noqa: BLE001 - the worker must answer every job and keep serving
@@ -143,38 +141,12 @@ def _rounded(timings: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in timings.items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# Local runs: `python handler.py` / `--test_input` write the media to outputs/<job id>/ and log
-# their paths instead of megabytes of base64.
-# ---------------------------------------------------------------------------------------------
-def save_outputs(result: dict[str, Any], directory: Path) -> dict[str, Any]:
-    """Write every inline data URI of a result to `directory`; returns the result with paths in their place."""
-    directory.mkdir(parents=True, exist_ok=True)
-    shown = dict(result)
-    for field, name in (("video", "video.mp4"), ("images", None)):
-        values = result.get(field)
-        if values is None:
-            continue
-        paths = []
-        for i, uri in enumerate([values] if isinstance(values, str) else values):
-            if uri.startswith("data:"):
-                path = directory / (name or f"image-{i}.png")
-                path.write_bytes(base64.b64decode(uri.split(",", 1)[1]))
-                log.info("wrote %s", path)
-                uri = str(path)
-            paths.append(uri)
-        shown[field] = paths[0] if isinstance(values, str) else paths
-    if "images" in shown:
-        shown["image_url"] = shown["images"][0]
-    return shown
-
-
 def local_handler(worker: Worker):
     async def handle(job: dict[str, Any]) -> dict[str, Any]:
         result = await worker.handle(job)
         if "error" in result:
             return result
-        return save_outputs(result, Path(worker.settings.local_output_dir) / str(job.get("id", "local")))
+        return save_local(result, worker.settings.local_output_dir, str(job.get("id", "local")))
 
     return handle
 
@@ -227,12 +199,15 @@ def main() -> None:
     except SettingsError as err:  # parallel.ParallelError too
         log.error("%s", err)
         sys.exit(2)
+    local_test = "--rp_serve_api" not in sys.argv and not settings.on_runpod
+    remove_leftovers()
+    for problem in check_folders(settings, local_outputs=local_test):
+        log.warning("%s", problem)
     import runpod
     from runpod.serverless.modules.rp_logger import RunPodLogger
 
     RunPodLogger().set_level(settings.runpod_log_level)
     worker.start_up()
-    local_test = "--rp_serve_api" not in sys.argv and not settings.on_runpod
     runpod.serverless.start({"handler": local_handler(worker) if local_test else worker.handle})
 
 

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from loras import LoraCache, PipelineLoras, lora_disabled
-from schemas import ImageJob, LoraSpec, VideoJob, validate_input
+from schemas import ImageJob, LoraSpec, VideoJob, folder_fault, validate_input
 from settings import Settings
 
 log = logging.getLogger("worker")
@@ -571,7 +571,9 @@ class CompileCache:
             log.info("compile cache written to %s (%.1f MB)", self.path, len(artifacts[0]) / 1e6)
             return True
         except Exception as err:  # noqa: BLE001 - a read-only or full volume costs the next worker a compile
-            log.warning("compile cache %s could not be written (%s)", self.path, err)
+            fault = folder_fault(err, "COMPILE_CACHE_DIR", self.path.parent) if isinstance(err, OSError) else None
+            log.warning("compile cache %s could not be written: %s; the next worker compiles again", self.path,
+                        fault or err)
             return False
 
 

@@ -13,13 +13,16 @@ The README parameter tables are generated from this module (`python schemas.py`)
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -56,6 +59,11 @@ VIDEO_PRESETS: dict[str, dict[str, Any]] = {
 
 class InputError(ValueError):
     """A request the worker refuses; str(err) is the one sentence the user sees."""
+
+
+class ResourceError(RuntimeError):
+    """A folder the worker writes (TMPDIR, LORA_CACHE_DIR, ...) cannot take a file: not the request's fault, and the
+    next job may well succeed. str(err) is one sentence naming the setting, the folder and the fix (`folder_fault`)."""
 
 
 @dataclass(frozen=True)
@@ -591,6 +599,49 @@ def size_video_job(job: VideoJob, image_size: tuple[int, int], settings: Setting
     job = replace(job, width=size[0], height=size[1])
     _check_tokens(job, settings)
     return job
+
+
+# ------------------------------------------------------------------------------------ local folders
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+_NOT_A_FOLDER = (errno.ENOTDIR, errno.EEXIST)  # EEXIST: mkdir found a file where the folder should be
+
+
+def folder_fault(err: OSError, setting: str, folder: str | Path) -> str | None:
+    """What stops `folder` (the value of the env var `setting`) taking a file, and the fix, from the OSError a write
+    raised: words to end a sentence with. None when the error is not about the folder."""
+    where = f"{setting}={str(folder)!r}"
+    if err.errno in DISK_FULL:
+        return (f"the disk holding {where} is full ({free_mb(folder)} free); free space there or set {setting} to a "
+                f"folder on a larger disk")
+    if err.errno in _NOT_WRITABLE:
+        return f"{where} is not writable ({err.strerror}); set {setting} to a folder this worker can write"
+    if err.errno in _NOT_A_FOLDER:
+        return f"{where} is not a folder ({first_file(folder)} is a file); set {setting} to a folder"
+    if err.errno == errno.ENOENT:
+        return f"{where} does not exist; create it or set {setting} to an existing folder"
+    return None
+
+
+def existing_part(folder: str | Path) -> Path:
+    """The folder itself, or its nearest ancestor that exists."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def first_file(folder: str | Path) -> str:
+    """The file that stands where `folder` or one of its ancestors should be a folder."""
+    path = existing_part(folder)
+    return str(path) if not path.is_dir() else str(folder)
+
+
+def free_mb(folder: str | Path) -> str:
+    try:
+        return f"{shutil.disk_usage(existing_part(folder)).free / 1e6:,.1f} MB"
+    except OSError:
+        return "unknown space"
 
 
 def markdown_tables() -> str:

@@ -9,13 +9,20 @@ limit, otherwise the job fails with the cause. Credentials never reach a message
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
 import re
+import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from settings import Bucket
+from schemas import existing_part, folder_fault
+from settings import Bucket, Settings
 from video_utils import data_uri
 
 log = logging.getLogger("worker")
@@ -150,3 +157,85 @@ def deliver(artifacts: list[Artifact], job_id: str, bucket: Bucket | None, outpu
                    f"fix the bucket settings or ask for a smaller output.")
         log.error("%s", message)
         raise DeliveryError(message) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Local runs and the folders the worker writes
+# ---------------------------------------------------------------------------------------------
+_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "video/mp4": "mp4"}
+# Below this much free space a folder is reported at start-up as nearly full (a 480x832 81-frame MP4 is ~10 MB).
+MIN_FREE_BYTES = 100 * 1000**2
+
+
+def save_local(result: dict[str, Any], root: str, job_id: str) -> dict[str, Any]:
+    """Local runs (`python handler.py`, --test_input): write every inline data URI of a result to <root>/<job id>/
+    and return the result with the paths in their place, so the log shows paths rather than megabytes of base64;
+    {"error": sentence} when LOCAL_OUTPUT_DIR (`root`) cannot take them."""
+    try:
+        return _save(result, Path(root) / job_id)
+    except OSError as err:
+        fault = folder_fault(err, "LOCAL_OUTPUT_DIR", root) or (
+            f"LOCAL_OUTPUT_DIR={root!r} gave '{err.strerror}'; set LOCAL_OUTPUT_DIR to another folder")
+        return {"error": f"The result could not be saved locally: {fault}."}
+
+
+def _save(result: dict[str, Any], directory: Path) -> dict[str, Any]:
+    directory.mkdir(parents=True, exist_ok=True)
+    shown = dict(result)
+    for field, stem in (("video", "video"), ("images", "image-{i}")):
+        values = result.get(field)
+        if values is None:
+            continue
+        paths = []
+        for i, uri in enumerate([values] if isinstance(values, str) else values):
+            if uri.startswith("data:"):
+                header, data = uri.split(",", 1)
+                mime = header.removeprefix("data:").split(";")[0]
+                path = directory / f"{stem.format(i=i)}.{_EXTENSIONS.get(mime, 'bin')}"
+                path.write_bytes(base64.b64decode(data))
+                log.info("wrote %s", path)
+                uri = str(path)
+            paths.append(uri)
+        shown[field] = paths[0] if isinstance(values, str) else paths
+    if "images" in shown:
+        shown["image_url"] = shown["images"][0]
+    return shown
+
+
+def check_folders(settings: Settings, local_outputs: bool) -> list[str]:
+    """One line for each folder the worker writes that cannot work or is nearly full: the start-up log's.
+
+    Nothing is created: a folder that does not exist yet is judged by the nearest folder above it.
+    `local_outputs`: this run saves results under LOCAL_OUTPUT_DIR (python handler.py, --test_input).
+    """
+    temp = tempfile.gettempdir()
+    wanted = os.environ.get("TMPDIR") or temp
+    # Python skips a TMPDIR it cannot write and takes the next candidate (/tmp, /var/tmp, the working folder).
+    moved = f"temp files go to {temp!r} instead" if os.path.realpath(wanted) != os.path.realpath(temp) else ""
+    folders = [("TMPDIR", wanted, moved or "videos cannot be encoded"),
+               ("LORA_CACHE_DIR", settings.lora_cache_dir, "LoRA downloads will fail")]
+    if settings.compile_cache_dir and (settings.wan_compile or settings.sdxl_compile):
+        folders.append(("COMPILE_CACHE_DIR", settings.compile_cache_dir,
+                        "compiled kernels are not kept for the next worker"))
+    if local_outputs:
+        folders.append(("LOCAL_OUTPUT_DIR", settings.local_output_dir, "local results cannot be saved"))
+    return [line for setting, folder, loss in folders if (line := folder_problem(setting, folder, loss))]
+
+
+def folder_problem(setting: str, folder: str, loss: str) -> str | None:
+    """A sentence when `folder` (the value of `setting`) cannot take files or is nearly full, else None.
+
+    `loss` says what fails meanwhile ("LoRA downloads will fail")."""
+    path = existing_part(folder)
+    where = f"{setting}={folder!r}"
+    if not path.is_dir():
+        return f"{where} is not a folder ({path} is a file), so {loss}; set {setting} to a folder."
+    if not os.access(path, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if os.statvfs(path).f_flag & os.ST_RDONLY else "is not writable"
+        inside = "" if str(path) == os.path.abspath(folder) else f" (its nearest existing folder, {str(path)!r})"
+        return f"{where}{inside} {why}, so {loss}; set {setting} to a folder this worker can write."
+    free = shutil.disk_usage(path).free
+    if free < MIN_FREE_BYTES:
+        return (f"The disk holding {where} has {free / 1e6:,.1f} MB free, so {loss} once it fills; free space there or "
+                f"set {setting} to a folder on a larger disk.")
+    return None

@@ -246,8 +246,8 @@ def test_a_job_whose_mp4_encoder_dies_says_so_and_the_next_job_succeeds(run_job,
             os.kill(pid, signal.SIGKILL)
 
     failed = _job_failing_at_the_second_decoded_part(run_job, tiny_models.model("video")[0], kill_ffmpeg)
-    assert failed == {"error": "The job failed with an internal error (OSError: the MP4 encoder (ffmpeg) failed: "
-                               "[Errno 32] Broken pipe); the worker is ready for the next job."}
+    assert failed == {"error": "The job failed with an internal error (OSError: the MP4 encoder (ffmpeg) was stopped "
+                               "by SIGKILL); the worker is ready for the next job."}
     video = probe_mp4(decode_data_uri(run_job({**VIDEO, "image_url": png_b64()})["video"], "video/mp4"))
     assert video["frames"] == 9
 
