@@ -28,12 +28,12 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from fetch import Refusals, stream_url
-from schemas import InputError, LoraSpec, shorten
+from schemas import InputError, LoraSpec, ResourceError, folder_fault, shorten
 
 log = logging.getLogger("worker")
 KEEP_LOADED = 4  # adapters kept loaded per pipeline beyond the job's own (least recently used dropped)
@@ -69,8 +69,19 @@ class LoraCache:
             return _hub_file(spec, max_bytes)
         path = self.path_for(spec)
         if path.is_file():
-            os.utime(path)  # most recently used
+            with suppress(OSError):  # a read-only cache still serves its files; only eviction order suffers
+                os.utime(path)  # most recently used
             return path
+        try:
+            self._download(spec, path, max_bytes=max_bytes, timeout_s=timeout_s)
+        except OSError as err:
+            if fault := folder_fault(err, "LORA_CACHE_DIR", self.directory):
+                raise ResourceError(f"{spec.names()} cannot be downloaded into the LoRA cache: {fault}.") from None
+            raise
+        self.evict(keep=path)
+        return path
+
+    def _download(self, spec: LoraSpec, path: Path, *, max_bytes: int, timeout_s: float) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         partial = self.directory / f".{spec.key}.{os.getpid()}.{secrets.token_hex(4)}.part"
         try:
@@ -81,9 +92,8 @@ class LoraCache:
             log.info("LoRA %s downloaded (%.1f MB) in %.1f s", spec.shown, path.stat().st_size / 1e6,
                      time.perf_counter() - start)
         finally:
-            partial.unlink(missing_ok=True)
-        self.evict(keep=path)
-        return path
+            with suppress(OSError):  # nothing to remove when the folder could not be made
+                partial.unlink(missing_ok=True)
 
     def evict(self, keep: Path | None = None) -> None:
         """Delete least recently used files until the cache holds at most max_bytes (keeping `keep`)."""

@@ -641,6 +641,40 @@ def test_lora_downloads_are_refused_when_broken_too_large_or_private(run_job, mo
     assert not list(Path(lora_env["LORA_CACHE_DIR"]).glob("*.part"))  # nothing half-written is left
 
 
+@pytest.mark.parametrize("fault", ["read-only", "under-a-file", "full"])
+def test_a_lora_cache_that_cannot_take_the_file_names_lora_cache_dir_and_the_next_job_succeeds(
+        run_job, models, lora_env, lora_dir, httpserver, monkeypatch, tmpfs, tmp_path, fault):
+    monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "true")
+    data = (lora_dir / "wan-musubi.safetensors").read_bytes()  # ~20 KB
+    httpserver.expect_request(f"/loras/{fault}").respond_with_data(data, content_type="application/octet-stream")
+    url = httpserver.url_for(f"/loras/{fault}")
+    if fault == "under-a-file":
+        (tmp_path / "a-file").write_bytes(b"")
+        cache = tmp_path / "a-file" / "cache"
+        why = (f"LORA_CACHE_DIR='{cache}' is not a folder ({tmp_path}/a-file is a file); set LORA_CACHE_DIR to a "
+               f"folder.")
+    elif fault == "read-only":
+        cache = tmpfs(read_only=True)
+        why = (f"LORA_CACHE_DIR='{cache}' is not writable (Read-only file system); set LORA_CACHE_DIR to a folder "
+               f"this worker can write.")
+    else:
+        cache = tmpfs("8k")
+        why = (rf"the disk holding LORA_CACHE_DIR='{cache}' is full \([\d.]+ MB free\); free space there or set "
+               rf"LORA_CACHE_DIR to a folder on a larger disk\.")
+    use(models, {**lora_env, "LORA_CACHE_DIR": str(cache)})
+    job = {**VIDEO, "image_url": "data:image/png;base64," + _png64(), "loras": [{"path": url}]}
+    result = run_job(job)
+    assert list(result) == ["error"], result
+    start = f"Field 'loras[0].path' names the LoRA '{url}', which cannot be downloaded into the LoRA cache: "
+    if fault == "full":
+        assert re.fullmatch(re.escape(start) + why, result["error"]), result
+        assert os.listdir(cache) == []  # no partial file left
+    else:
+        assert result["error"] == start + why
+    use(models, lora_env)
+    assert "video" in run_job(job)  # the same job, with a cache that works
+
+
 def test_the_disk_cache_evicts_least_recently_used_files(tmp_path):
     cache = loras.LoraCache(tmp_path, max_bytes=2500)
     specs = [parse_source(f"https://example.com/{i}", "x", []) for i in range(4)]
