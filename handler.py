@@ -26,7 +26,7 @@ from typing import Any
 from model_handler import Cancelled, GenerationError, ModelHandler, free_memory
 from schemas import ImageJob, InputError, ResourceError, VideoJob, size_image_job, size_video_job, validate_input
 from settings import Settings, SettingsError, load_settings
-from storage import Artifact, DeliveryError, check_folders, deliver, save_local
+from storage import Artifact, DeliveryError, PayloadFilter, check_folders, deliver, save_local
 from video_utils import Mp4Stream, cover, load_image_input, png_bytes, remove_leftovers
 
 log = logging.getLogger("worker")
@@ -192,6 +192,7 @@ def build_worker(settings: Settings) -> Worker:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.addFilter(PayloadFilter())
     try:
         settings = load_settings(os.environ)
         log.info("worker settings: %s", settings.summary())

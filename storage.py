@@ -34,6 +34,29 @@ UPLOAD_BACKOFF_S = 1.0
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 
+# A run this long of base64 characters is a payload (an image or a video), never words worth logging.
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{1000,}={0,2}")
+
+
+def cut_payloads(text: str) -> str:
+    return _BASE64_RUN.sub(lambda m: f"{m.group()[:40]}...({len(m.group()):,} base64 characters)", text)
+
+
+class PayloadFilter(logging.Filter):
+    """Keeps base64 out of the worker's log: an exception's text (logged with its traceback when a job fails
+    inside) may quote a request's image or a result."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _BASE64_RUN.search(message):
+            record.msg, record.args = cut_payloads(message), ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = cut_payloads(record.exc_text)
+        return True
+
+
 @dataclass(frozen=True)
 class Artifact:
     data: bytes

@@ -353,6 +353,23 @@ def test_failed_upload_too_large_to_inline_is_an_error_naming_the_cause(s3, use_
     assert SECRET not in result["error"] and ACCESS_KEY not in result["error"]
 
 
+def test_the_worker_log_keeps_base64_out_even_from_an_exception_that_quotes_a_payload(caplog):
+    """What the worker adds to a failed job's log on RunPod is the traceback of an internal error (runpod logs
+    no job body at its INFO level); an exception's text may quote the request, and PayloadFilter cuts it."""
+    payload = png_b64(256, 256)  # ~260 KB as base64
+    logger = logging.getLogger("worker.payload-test")
+    logger.addFilter(storage.PayloadFilter())
+    caplog.set_level(logging.INFO, logger="worker.payload-test")
+    try:
+        raise ValueError(f"cannot read data:image/png;base64,{payload}")
+    except ValueError:
+        logger.exception("job %s failed on %s", "job-1", payload)
+    text = caplog.text
+    assert not re.search(r"[A-Za-z0-9+/]{1000}", text), text[:300]
+    cut = f"{payload[:40]}...({len(payload):,} base64 characters)"
+    assert f"job job-1 failed on {cut}" in text and f"ValueError: cannot read data:image/png;base64,{cut}" in text
+
+
 def test_upload_retries_with_growing_backoff(caplog):
     caplog.set_level(logging.WARNING, logger="worker")
     closed = Bucket(endpoint_url=f"http://127.0.0.1:{free_port()}", access_key_id=ACCESS_KEY,
