@@ -131,7 +131,8 @@ class Worker:
     def _deliver(self, artifacts: list[Artifact], job: dict[str, Any], spec: ImageJob | VideoJob,
                  timings: dict[str, float]) -> tuple[list[str], list[str]]:
         start = time.perf_counter()
-        urls, warnings = deliver(artifacts, str(job.get("id", "local")), self.settings.bucket, spec.output)
+        urls, warnings = deliver(artifacts, str(job.get("id", "local")), self.settings.bucket, spec.output,
+                                 limit=self.settings.max_inline_chars)
         if self.settings.bucket is not None and spec.output != "base64":
             timings["upload_s"] = time.perf_counter() - start
         return urls, warnings

@@ -530,6 +530,13 @@ def _check_pixels(job: ImageJob, settings: Settings) -> None:
         raise InputError(f"Fields num_images x height x width ask for {pixels:,} pixels; this worker allows at "
                          f"most {settings.max_image_pixels:,} per job (MAX_IMAGE_PIXELS), so ask for fewer or "
                          f"smaller images.")
+    if _inline(job, settings):
+        bits = inline_bytes(settings.max_inline_chars // job.num_images, "image/jpeg") * 8 / (job.height * job.width)
+        if bits < MIN_IMAGE_BITS_PER_PIXEL:
+            raise InputError(f"Fields num_images x height x width ask for {pixels:,} pixels, too many for "
+                             f"{inline_limit(settings.max_inline_chars)}: it leaves {bits:.2f} bits per pixel where a "
+                             f"JPEG of good quality needs at least {MIN_IMAGE_BITS_PER_PIXEL:g}; "
+                             f"{inline_fix(settings.bucket)}, or ask for fewer or smaller images.")
 
 
 def _check_video(job: VideoJob, settings: Settings) -> None:
@@ -559,6 +566,52 @@ def _check_tokens(job: VideoJob, settings: Settings) -> None:
                          f"{job.tokens:,} transformer tokens; this worker allows at most "
                          f"{settings.max_video_tokens:,} (MAX_VIDEO_TOKENS, about 1.5x a 480x832 81-frame video) "
                          f"to stay within GPU memory and time, so ask for fewer frames or a smaller size.")
+    if _inline(job, settings):
+        budget = video_bytes(inline_bytes(settings.max_inline_chars, "video/mp4"), job.num_frames)
+        bits = budget * 8 / (job.num_frames * job.height * job.width)
+        if bits < MIN_VIDEO_BITS_PER_PIXEL:
+            raise InputError(f"Fields num_frames={job.num_frames}, height={job.height}, width={job.width} make a video "
+                             f"too large for {inline_limit(settings.max_inline_chars)}: it leaves {bits:.3f} bits per "
+                             f"pixel of each frame where H.264 needs at least {MIN_VIDEO_BITS_PER_PIXEL:g}; "
+                             f"{inline_fix(settings.bucket)}, or ask for fewer frames or a smaller size.")
+
+
+# ------------------------------------------------------------------------------------ inline results
+# A result returned inline (no bucket, or output 'base64') must fit MAX_INLINE_MB as base64; storage.py shrinks one
+# that does not (an MP4 re-encoded at a lower bitrate, images as JPEG). What can be decided before generating is:
+# a result that would have fewer bits per pixel than these cannot be shrunk to fit at a quality worth sending.
+MIN_IMAGE_BITS_PER_PIXEL = 1.0  # about a detailed picture as JPEG at quality 75
+MIN_VIDEO_BITS_PER_PIXEL = 0.05  # of each frame: below it H.264 smears, and x264 overshoots so low a rate
+MP4_FIXED_BYTES = 1_000  # an MP4's boxes besides its frames (ftyp, moov)
+MP4_FRAME_BYTES = 40  # per frame: its index entries and the least x264 spends on one
+
+
+def _inline(job: Job, settings: Settings) -> bool:
+    """Whether the job's result is meant to come back inline (an upload that fails falls back to inline too)."""
+    return settings.bucket is None or job.output == "base64"
+
+
+def inline_bytes(chars: int, mime: str) -> int:
+    """The most bytes a data URI of `mime` carries within `chars` characters (base64: 3 bytes in 4 characters)."""
+    return max(0, chars - len(f"data:{mime};base64,")) // 4 * 3
+
+
+def video_bytes(mp4_bytes: int, frames: int) -> int:
+    """What an MP4 of `mp4_bytes` has for its H.264 frames, once its boxes are counted."""
+    return max(0, mp4_bytes - MP4_FIXED_BYTES - MP4_FRAME_BYTES * frames)
+
+
+def inline_limit(chars: int) -> str:
+    """The limit that applies to inline results, as words: its size, its setting and RunPod's caps."""
+    return (f"the {chars:,}-character inline limit (MAX_INLINE_MB={chars / 1e6:g}; RunPod carries 10 MB on /run and "
+            f"20 MB on /runsync)")
+
+
+def inline_fix(bucket: object | None) -> str:
+    """How to receive a result too large to return inline."""
+    return ("ask for output 'auto' to receive it as a URL from the configured bucket" if bucket else
+            "configure a bucket (BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY) to receive it "
+            "as a URL")
 
 
 def fit_area(width: int, height: int, area: int, multiple: int) -> tuple[int, int]:

@@ -57,6 +57,8 @@ class Settings:
     max_image_pixels: int = 4 * 1024 * 1024 * 2  # num_images x height x width
     max_input_image_bytes: int = 20 * 1024 * 1024
     max_input_image_pixels: int = 40_000_000
+    # Results returned inline (no bucket) stay within this many base64 characters: RunPod carries 10 MB on /run.
+    max_inline_chars: int = 10_000_000
     fetch_timeout_s: float = 15.0
     # Speed and memory levers (README "Speed and memory"); each is switchable.
     memory_profile: str = "auto"  # auto | full | offload | lowvram
@@ -261,6 +263,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", Settings.max_image_pixels),
         max_input_image_bytes=_int(env, "MAX_INPUT_IMAGE_BYTES", Settings.max_input_image_bytes),
         max_input_image_pixels=_int(env, "MAX_INPUT_IMAGE_PIXELS", Settings.max_input_image_pixels),
+        max_inline_chars=int(_float(env, "MAX_INLINE_MB", 0) * 1e6) or Settings.max_inline_chars,
         fetch_timeout_s=_float(env, "FETCH_TIMEOUT_S", Settings.fetch_timeout_s) or Settings.fetch_timeout_s,
         memory_profile=profile,
         wan_fp8=_flag(env, "WAN_FP8"),

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from fetch import fetch_url
-from schemas import InputError, ResourceError, folder_fault, shorten
+from schemas import InputError, ResourceError, folder_fault, shorten, video_bytes
 
 log = logging.getLogger("worker")
 
@@ -230,17 +230,7 @@ class Mp4Stream:
         self._ffmpeg.stderr.close()
 
     def _failure(self, err: OSError | None) -> Exception:
-        """The error for an MP4 that could not be made: a full or unwritable TMPDIR is named as such."""
-        said = " ".join(self._said)
-        if "No space left on device" in said or "Disk quota exceeded" in said:
-            err = OSError(errno.ENOSPC, "No space left on device")
-        if err is not None and (fault := temp_fault(err)):
-            return ResourceError(f"The MP4 could not be written: {fault}.")
-        code = self._ffmpeg.returncode
-        if code is not None and code < 0:
-            return OSError(f"the MP4 encoder (ffmpeg) was stopped by {signal.Signals(-code).name}")
-        detail = self._said[-1] if self._said else (str(err) if err else f"exit status {code}")
-        return OSError(f"the MP4 encoder (ffmpeg) failed: {detail}")
+        return encoder_failure(list(self._said), self._ffmpeg.returncode, err)
 
     def __enter__(self) -> Mp4Stream:
         return self
@@ -304,6 +294,67 @@ def _running(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def encoder_failure(said: list[str], code: int | None, err: OSError | None) -> Exception:
+    """The error for an MP4 that ffmpeg could not make, from its last lines on stderr, its exit status and the
+    OSError met on our side: a full or unwritable TMPDIR is a ResourceError naming it."""
+    text = " ".join(said)
+    if "No space left on device" in text or "Disk quota exceeded" in text:
+        err = OSError(errno.ENOSPC, "No space left on device")
+    if err is not None and (fault := temp_fault(err)):
+        return ResourceError(f"The MP4 could not be written: {fault}.")
+    if code is not None and code < 0:
+        return OSError(f"the MP4 encoder (ffmpeg) was stopped by {signal.Signals(-code).name}")
+    detail = said[-1] if said else (str(err) if err else f"exit status {code}")
+    return OSError(f"the MP4 encoder (ffmpeg) failed: {detail}")
+
+
+def shrink_mp4(data: bytes, max_bytes: int, preset: str = "veryfast") -> tuple[bytes, int]:
+    """The MP4 re-encoded at the average bitrate that fits it into `max_bytes`, and that bitrate in kbit/s.
+
+    x264 holds an average rate under a VBV cap of one second (the clip's length when shorter), a little over it at
+    times and more on a short noisy clip: a result still over gets one more try, its rate lowered in proportion.
+    The second try is returned even when it is over (the caller says so). Every frame and the frame rate are kept.
+    """
+    with temp_folder() as folder:
+        source = os.path.join(folder, "video.mp4")
+        try:
+            with open(source, "wb") as fh:
+                fh.write(data)
+        except OSError as err:
+            raise encoder_failure([], None, err) from err
+        frames, seconds = imageio_ffmpeg.count_frames_and_secs(source)
+        kbps = max(1, int(video_bytes(max_bytes, frames) * 8 * 0.9 / seconds / 1000))
+        target = os.path.join(folder, "smaller.mp4")
+        mp4 = _reencode(source, target, kbps, min(seconds, 1.0), preset)
+        if len(mp4) > max_bytes:
+            kbps = max(1, int(kbps * max_bytes / len(mp4) * 0.8))
+            mp4 = _reencode(source, target, kbps, min(seconds, 1.0), preset)
+        return mp4, kbps
+
+
+def _reencode(source: str, target: str, kbps: int, buffer_s: float, preset: str) -> bytes:
+    rate = ["-b:v", f"{kbps}k", "-maxrate", f"{kbps}k", "-bufsize", f"{max(1, int(kbps * buffer_s))}k"]
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-i", source, "-an", "-vcodec", "libx264",
+           "-pix_fmt", "yuv420p", *rate, "-preset", preset, "-fps_mode", "passthrough", "-movflags", "+faststart",
+           target]
+    done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True)
+    said = done.stderr.decode(errors="replace").splitlines()[-8:]
+    if done.returncode != 0:
+        raise encoder_failure(said, done.returncode, None)
+    try:
+        with open(target, "rb") as fh:
+            return fh.read()
+    except OSError as err:
+        raise encoder_failure(said, done.returncode, err) from err
+
+
+def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
+    """A JPEG of `image` (4:2:0, optimized Huffman tables): the smaller form of a result too large as PNG."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality, optimize=True)
+    return buf.getvalue()
 
 
 def frames_to_mp4(frames: np.ndarray, fps: int, crf: int = 18, preset: str = "veryfast") -> bytes:
