@@ -186,11 +186,12 @@ class Mp4Stream:
     def _send(self, frames: np.ndarray) -> None:
         if self._ffmpeg is None:
             self._ffmpeg = subprocess.Popen(self._cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.PIPE, bufsize=0)
+                                            stderr=subprocess.PIPE)
             self._reader = threading.Thread(target=self._read_stderr, name="mp4-stderr", daemon=True)
             self._reader.start()
         for frame in frames:
             self._ffmpeg.stdin.write(np.ascontiguousarray(frame).data)
+        self._ffmpeg.stdin.flush()  # x264 gets these frames now, while the VAE decodes the next
 
     def _read_stderr(self) -> None:
         """Keep ffmpeg's last words (it says why it stopped); read as they come so that its pipe never fills."""
