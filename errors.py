@@ -37,6 +37,12 @@ class JobCancelled(GenerationError):
     """RunPod cancelled the job (or it timed out); raised from the step callback, so within one step."""
 
 
+class ResourceError(RuntimeError):
+    """A folder the worker writes (TMPDIR, LORA_CACHE_DIR, ...) cannot take a file: not the request's fault, and the
+    next job may well succeed. str(err) is one sentence naming the setting, the folder and the fix
+    (folders.folder_fault)."""
+
+
 class DeliveryError(RuntimeError):
     """The result could be neither uploaded nor returned inline; the message names the cause."""
 

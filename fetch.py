@@ -56,7 +56,8 @@ def stream_url(url: str, write: Callable[[bytes], object], *, max_bytes: int, ti
     holds whatever the server does (sleeps, trickles headers or body a byte at a time,
     redirects slowly): at the deadline the caller gets `words.slow` and the thread stops at
     its next read, which the socket timeout bounds; `write` is not called after that read.
-    Every refusal is an InputError of one sentence from `words`.
+    Every refusal is an InputError of one sentence from `words`. An OSError of `write` (a full disk, a
+    read-only folder) is raised as it is: the worker's fault, not the server's.
     """
     timeout_s = max(timeout_s, 0.01)
     outcome: queue.SimpleQueue = queue.SimpleQueue()
@@ -66,7 +67,7 @@ def stream_url(url: str, write: Callable[[bytes], object], *, max_bytes: int, ti
         try:
             _stream(url, write, max_bytes, timeout_s, words, chunk_size, cancelled)
             outcome.put(None)
-        except InputError as err:
+        except (InputError, _WriteFailed) as err:
             outcome.put(err)
         except Exception as err:  # noqa: BLE001 - odd URLs (bad port, IDNA, ...) become a refusal, not a crash
             outcome.put(InputError(f"{words.start} cannot be fetched ({type(err).__name__}); send a reachable "
@@ -80,6 +81,16 @@ def stream_url(url: str, write: Callable[[bytes], object], *, max_bytes: int, ti
         raise InputError(words.slow) from None
     if isinstance(result, InputError):
         raise InputError(str(result)) from None
+    if isinstance(result, _WriteFailed):
+        raise result.error from None
+
+
+class _WriteFailed(Exception):
+    """`write` could not keep a chunk (kept apart from the OSErrors of a connection that breaks off)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _stream(url: str, write: Callable[[bytes], object], max_bytes: int, timeout_s: float, words: Refusals,
@@ -113,7 +124,10 @@ def _stream(url: str, write: Callable[[bytes], object], max_bytes: int, timeout_
                 received += len(chunk)
                 if received > max_bytes:
                     raise InputError(f"{words.start} sent more than {max_bytes:,} bytes; {words.cap}.")
-                write(chunk)
+                try:
+                    write(chunk)
+                except OSError as err:
+                    raise _WriteFailed(err) from None
         except (urllib3.exceptions.ReadTimeoutError, requests.Timeout):
             raise InputError(words.slow) from None
         except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as err:

@@ -21,19 +21,19 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import logs
-from errors import DeliveryError, GenerationError, InputError, SettingsError, internal_error
+from errors import DeliveryError, GenerationError, InputError, ResourceError, SettingsError, internal_error
+from folders import check_folders
 from jobs import Ready, prepare
 from model_handler import ModelHandler
 from models.base import Cancelled, Progress, free_memory
 from plan import decide, log_plan
 from schemas import Job, VideoJob
 from settings import Settings, load_settings
-from storage import Artifact, deliver, save_local
-from video_utils import Mp4Stream, png_bytes
+from storage import Artifact, PayloadFilter, deliver, save_local
+from video_utils import Mp4Stream, png_bytes, remove_leftovers
 
 log = logging.getLogger("worker")
 
@@ -51,13 +51,13 @@ class Worker:
             ready = prepare(job.get("input"), self.settings)
             make = self._video if isinstance(ready.job, VideoJob) else self._image
             artifacts, timings = make(ready, self._progress(job), cancelled)
-            start = time.perf_counter()
-            urls, warnings = deliver(artifacts, str(job.get("id", "local")), self.settings.bucket, ready.job.output)
-            if self.settings.bucket is not None and ready.job.output != "base64":
-                timings["upload_s"] = time.perf_counter() - start
+            urls, warnings, upload_s = deliver(artifacts, str(job.get("id", "local")), self.settings.bucket,
+                                               ready.job.output, limit=self.settings.max_inline_chars)
+            if upload_s is not None:
+                timings["upload_s"] = upload_s
         except InputError as err:  # a refusal: no generation ran, so there is nothing to free
             return {"error": str(err)}
-        except (GenerationError, DeliveryError) as err:
+        except (GenerationError, DeliveryError, ResourceError) as err:
             free_memory()
             return {"error": str(err)}
         except Exception as err:  # noqa: BLE001 - the worker must answer every job and keep serving
@@ -135,7 +135,7 @@ def local_handler(worker: Worker):
         result = await worker.handle(job)
         if "error" in result:
             return result
-        return save_local(result, Path(worker.settings.local_output_dir) / str(job.get("id", "local")))
+        return save_local(result, worker.settings.local_output_dir, str(job.get("id", "local")))
 
     return handle
 
@@ -152,6 +152,7 @@ def build_worker(settings: Settings) -> Worker:
 
 def main() -> None:
     logs.set_up()
+    log.addFilter(PayloadFilter())  # no megabytes of base64 in the worker's own lines
     log.info("start-up: imports %.1f s (process start to here)", logs.seconds_since_start())
     try:
         settings = load_settings(os.environ)
@@ -160,12 +161,15 @@ def main() -> None:
     except SettingsError as err:  # parallel's ParallelError too
         log.error("%s", err)
         sys.exit(2)
+    local_test = "--rp_serve_api" not in sys.argv and not settings.on_runpod
+    remove_leftovers()  # the MP4 temp folders of a worker that was killed mid-job
+    for problem in check_folders(settings, local_outputs=local_test):
+        log.warning("%s", problem)
     import runpod
     from runpod.serverless.modules.rp_logger import RunPodLogger
 
     RunPodLogger().set_level(settings.runpod_log_level)
     worker.start_up()
-    local_test = "--rp_serve_api" not in sys.argv and not settings.on_runpod
     runpod.serverless.start({"handler": local_handler(worker) if local_test else worker.handle})
 
 

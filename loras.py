@@ -28,13 +28,14 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from errors import InputError, shorten
+from errors import InputError, ResourceError, first_line, shorten
 from fetch import Refusals, stream_url
-from schemas import LoraSpec
+from folders import folder_fault
+from lora_source import LoraSpec
 
 log = logging.getLogger("worker")
 KEEP_LOADED = 4  # adapters kept loaded per pipeline beyond the job's own (least recently used dropped)
@@ -70,8 +71,19 @@ class LoraCache:
             return _hub_file(spec, max_bytes)
         path = self.path_for(spec)
         if path.is_file():
-            os.utime(path)  # most recently used
+            with suppress(OSError):  # a read-only cache still serves its files; only eviction order suffers
+                os.utime(path)  # most recently used
             return path
+        try:
+            self._download(spec, path, max_bytes=max_bytes, timeout_s=timeout_s)
+        except OSError as err:
+            if fault := folder_fault(err, "LORA_CACHE_DIR", self.directory):
+                raise ResourceError(f"{spec.names()} cannot be downloaded into the LoRA cache: {fault}.") from None
+            raise
+        self.evict(keep=path)
+        return path
+
+    def _download(self, spec: LoraSpec, path: Path, *, max_bytes: int, timeout_s: float) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         partial = self.directory / f".{spec.key}.{os.getpid()}.{secrets.token_hex(4)}.part"
         try:
@@ -82,9 +94,8 @@ class LoraCache:
             log.info("LoRA %s downloaded (%.1f MB) in %.1f s", spec.shown, path.stat().st_size / 1e6,
                      time.perf_counter() - start)
         finally:
-            partial.unlink(missing_ok=True)
-        self.evict(keep=path)
-        return path
+            with suppress(OSError):  # nothing to remove when the folder could not be made
+                partial.unlink(missing_ok=True)
 
     def evict(self, keep: Path | None = None) -> None:
         """Delete least recently used files until the cache holds at most max_bytes (keeping `keep`)."""
@@ -145,7 +156,7 @@ def _hub_file(spec: LoraSpec, max_bytes: int) -> Path:
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001 - hub errors: missing repo/file, gated, offline, network
-        detail = str(err).splitlines()[0][:160] if str(err) else ""
+        detail = first_line(err, 160)
         raise InputError(f"{spec.names()} cannot be fetched from the Hugging Face hub as {spec.location!r} file "
                          f"{spec.filename!r} ({type(err).__name__}: {detail}); check the repo id and weight_name."
                          ) from None
@@ -404,5 +415,5 @@ def _misfit(err: Exception, state: dict[str, Any]) -> str:
     if "lora" in text and "substring" in text:
         odd = next((key for key in state if "lora" not in key), "")
         return f"its keys are not in a LoRA format this model reads (for example {shorten(odd, 80)})"
-    first = text.splitlines()[0][:160] if text else ""
+    first = first_line(err, 160)
     return f"{type(err).__name__}: {first}"

@@ -282,13 +282,13 @@ class ParallelWan:
     def _before_transformer(self, module: Any, args: Any) -> None:
         if self._ready_pending:  # the job's first transformer call: did every rank get this far?
             self._ready_pending = False
-            statuses = self._exchange(_READY, _OK, "")
+            statuses = _exchange(self._group, _READY, _OK, "")
             if any(code != _OK for code, _ in statuses):
                 raise _PeerFailed()
 
     def _step_end(self) -> None:
         cancel = self._group.rank == 0 and self._cancel is not None and self._cancel()
-        statuses = self._exchange(_STEP, _CANCELLED if cancel else _OK, "")
+        statuses = _exchange(self._group, _STEP, _CANCELLED if cancel else _OK, "")
         self._cancel_now = any(code == _CANCELLED for code, _ in statuses)
 
     def _together(self, work: Callable[[], Any], transformer_runs: bool = False,
@@ -309,8 +309,8 @@ class ParallelWan:
             error, code, text = err, _INTERNAL, f"{type(err).__name__}: {first_line(err)}"
         if self._ready_pending:  # failed before the transformer: the others wait for this rank's word there
             self._ready_pending = False
-            self._exchange(_READY, code, text, timeout)
-        statuses = self._exchange(_DONE, code, text, timeout)
+            _exchange(self._group, _READY, code, text, timeout)
+        statuses = _exchange(self._group, _DONE, code, text, timeout)
         if self._group.rank != 0:
             return None
         if error is not None and not isinstance(error, _PeerFailed):
@@ -327,28 +327,31 @@ class ParallelWan:
             raise GenerationError("The job failed on another GPU; the worker is ready for the next job.")
         return result
 
-    def _exchange(self, phase: int, code: int, text: str, timeout: float = STEP_TIMEOUT_S) -> list[tuple[int, str]]:
-        """All-gather one status per rank; a rank that never arrives, or arrives elsewhere, ends the worker."""
-        data = text.encode()[:_FRAME - 4]
-        frame = torch.zeros(_FRAME, dtype=torch.uint8)
-        frame[:4] = torch.tensor([phase, code, len(data) >> 8, len(data) & 255], dtype=torch.uint8)
-        if data:
-            frame[4:4 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        frames = [torch.empty_like(frame) for _ in range(self._group.world)]
-        work = dist.all_gather(frames, frame, group=self._group.status, async_op=True)
-        try:
-            work.wait(timeout=datetime.timedelta(seconds=timeout))
-        except RuntimeError as err:  # timed out, or a rank's process is gone
-            _out_of_step(self._group.rank, f"the other ranks did not reach the same point of the job within "
-                                           f"{timeout:.0f} s ({str(err).strip()[:100]})")
-        statuses = []
-        for f in frames:
-            values = f.tolist()
-            if values[0] != phase:
-                _out_of_step(self._group.rank, "the ranks reached different points of the job")
-            size = values[2] << 8 | values[3]
-            statuses.append((values[1], bytes(values[4:4 + size]).decode(errors="replace")))
-        return statuses
+
+
+def _exchange(group: _Group, phase: int, code: int, text: str,
+              timeout: float = STEP_TIMEOUT_S) -> list[tuple[int, str]]:
+    """All-gather one status per rank; a rank that never arrives, or arrives elsewhere, ends the worker."""
+    data = text.encode()[:_FRAME - 4]
+    frame = torch.zeros(_FRAME, dtype=torch.uint8)
+    frame[:4] = torch.tensor([phase, code, len(data) >> 8, len(data) & 255], dtype=torch.uint8)
+    if data:
+        frame[4:4 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    frames = [torch.empty_like(frame) for _ in range(group.world)]
+    work = dist.all_gather(frames, frame, group=group.status, async_op=True)
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=timeout))
+    except RuntimeError as err:  # timed out, or a rank's process is gone
+        _out_of_step(group.rank, f"the other ranks did not reach the same point of the job within "
+                                       f"{timeout:.0f} s ({str(err).strip()[:100]})")
+    statuses = []
+    for f in frames:
+        values = f.tolist()
+        if values[0] != phase:
+            _out_of_step(group.rank, "the ranks reached different points of the job")
+        size = values[2] << 8 | values[3]
+        statuses.append((values[1], bytes(values[4:4 + size]).decode(errors="replace")))
+    return statuses
 
 
 def _best_effort(progress: Progress | None) -> Progress | None:

@@ -94,7 +94,7 @@ def decide(settings: Settings, device: Device | None = None) -> Plan:
 
 
 def _check_fast_lora(settings: Settings) -> None:
-    from schemas import parse_source
+    from lora_source import parse_source
 
     if settings.wan_fast_lora:
         try:

@@ -13,17 +13,21 @@ The README parameter tables are generated from this module (`python schemas.py`)
 
 from __future__ import annotations
 
-import hashlib
-import math
-import os
-import re
 import secrets
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlparse
 
 from errors import InputError, shorten
+from fields import Param, coerce, kind, num
+from inline import (
+    MIN_IMAGE_BITS_PER_PIXEL,
+    MIN_VIDEO_BITS_PER_PIXEL,
+    inline_bytes,
+    inline_fix,
+    inline_limit,
+    video_bytes,
+)
+from lora_source import LoraSpec, parse_source
 from settings import Settings
 
 MODES = ("image", "video")
@@ -63,55 +67,6 @@ VIDEO_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass(frozen=True)
-class Param:
-    """One input field: what it is, its default and what values are allowed."""
-
-    type: type
-    description: str
-    default: Any = None
-    required: bool = False
-    minimum: float | None = None
-    maximum: float | None = None
-    exclusive_minimum: bool = False
-    exclusive_maximum: bool = False
-    multiple_of: int | None = None
-    remainder: int = 0  # with multiple_of: value % multiple_of == remainder (4k+1 frames)
-    choices: tuple | None = None
-    max_length: int | None = None
-    items: dict[str, Param] | None = None  # with type list: each entry is an object with these fields
-    max_items: int | None = None
-
-    def allowed(self) -> str:
-        """What values are allowed, as words; used in errors and in the README tables."""
-        if self.choices:
-            return "one of " + ", ".join(repr(c) for c in self.choices)
-        if self.type is list:
-            keys = [f"{key} ({sub.allowed()}" + (", required)" if sub.required else
-                                                 ")" if sub.default is None else f", default {_num(sub.default)})")
-                    for key, sub in self.items.items()]
-            return f"a list of at most {self.max_items} objects: " + "; ".join(keys)
-        words = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[self.type]
-        parts = [words]
-        if self.minimum is not None and self.maximum is not None:
-            lo = "above" if self.exclusive_minimum else "from"
-            hi = "below" if self.exclusive_maximum else "to"
-            parts.append(f"{lo} {_num(self.minimum)} {hi} {_num(self.maximum)}")
-        elif self.minimum is not None:
-            parts.append(f"{'above' if self.exclusive_minimum else 'of at least'} {_num(self.minimum)}")
-        if self.multiple_of and self.remainder:
-            parts.append(f"of the form {self.multiple_of}k+{self.remainder}")
-        elif self.multiple_of:
-            parts.append(f"that is a multiple of {self.multiple_of}")
-        if self.max_length:
-            parts.append(f"of at most {self.max_length:,} characters")
-        return " ".join(parts)
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
 # Fields both modes share, declared once.
 MODE = Param(str, "What to generate: SDXL images or a Wan2.1 image-to-video clip.", default="image", choices=MODES)
 SEED = Param(int, "Random seed; the same seed and inputs give the same output. Random when absent (returned).",
@@ -121,10 +76,10 @@ OUTPUT = Param(str, "Where results go: 'auto' uploads to the bucket when one is 
 LORA_FIELDS: dict[str, Param] = {
     "path": Param(str, "An http(s) URL of a .safetensors file, a Hugging Face repo id ('owner/name', optionally "
                        "followed by '/file.safetensors'), or an absolute path under the model cache or /runpod-volume.",
-                  required=True, max_length=2_048),
+                  required=True, max_length=2_048, names_file=True),
     "scale": Param(float, "Strength of the LoRA.", default=1.0, minimum=-LORA_SCALE_LIMIT, maximum=LORA_SCALE_LIMIT),
     "weight_name": Param(str, "File inside a hub repo given as 'owner/name'; pytorch_lora_weights.safetensors "
-                              "when absent.", max_length=512),
+                              "when absent.", max_length=512, names_file=True),
 }
 LORAS = Param(list, "LoRA adapters applied to this job only (see 'LoRAs' below); each entry is "
                     "{\"path\": ..., \"scale\": 1.0}.", items=LORA_FIELDS, max_items=MAX_LORAS)
@@ -193,143 +148,6 @@ VIDEO_FIELDS: dict[str, Param] = {
 }
 
 INPUT_SCHEMA: dict[str, dict[str, Param]] = {"image": IMAGE_FIELDS, "video": VIDEO_FIELDS}
-
-
-def _kind(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number")
-
-
-def _coerce(name: str, param: Param, value: Any) -> Any:
-    """Check one field's type and bounds; returns the value in its Python type."""
-    def bad() -> InputError:
-        return InputError(f"Field '{name}' must be {param.allowed()}, got {_kind(value)} {shorten(value)}.")
-
-    if param.type is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)  # JSON clients often send 25.0
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise bad()
-    elif param.type is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise bad()
-        value = float(value)
-    elif param.type is list:
-        if not isinstance(value, list):
-            raise bad()
-        return _coerce_items(name, param, value)
-    elif not isinstance(value, param.type):
-        raise bad()
-
-    if param.choices is not None and value not in param.choices:
-        raise bad()
-    if param.max_length is not None and len(value) > param.max_length:
-        raise bad()
-    if param.minimum is not None and (value <= param.minimum if param.exclusive_minimum else value < param.minimum):
-        raise bad()
-    if param.maximum is not None and (value >= param.maximum if param.exclusive_maximum else value > param.maximum):
-        raise bad()
-    if param.multiple_of and value % param.multiple_of != param.remainder:
-        raise bad()
-    return value
-
-
-def _coerce_items(name: str, param: Param, value: list) -> list[dict[str, Any]]:
-    """A list of objects: its length, then each entry's fields, named like 'loras[1].scale' in errors."""
-    if len(value) > param.max_items:
-        raise InputError(f"Field '{name}' holds {len(value)} entries; at most {param.max_items} are allowed.")
-    entries = []
-    for i, item in enumerate(value):
-        where = f"{name}[{i}]"
-        if not isinstance(item, dict):
-            raise InputError(f"Field '{where}' must be an object with {', '.join(param.items)}, got {_kind(item)} "
-                             f"{shorten(item)}.")
-        unknown = sorted(str(k) for k in item if k not in param.items)
-        if unknown:
-            raise InputError(f"Field '{where}' has the unknown key {shorten(unknown[0])}; allowed keys are: "
-                             f"{', '.join(param.items)}.")
-        entry = {}
-        for key, sub in param.items.items():
-            if item.get(key) is None:
-                if sub.required:
-                    raise InputError(f"Field '{where}.{key}' is required and must be {sub.allowed()}.")
-                entry[key] = sub.default
-            else:
-                entry[key] = _coerce(f"{where}.{key}", sub, item[key])
-        entries.append(entry)
-    return entries
-
-
-# ------------------------------------------------------------------------------------ LoRA sources
-DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA in a hub repo
-_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[^\s]+))?$")
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """One LoRA of a job: where its file is, how strongly it applies, and how errors name it."""
-
-    kind: str  # "url" | "hub" | "local"
-    location: str  # the URL, the hub repo id, or the resolved local path
-    filename: str | None  # the file inside a hub repo
-    scale: float
-    label: str  # "Field 'loras[0].path'" or "WAN_FAST_LORA": how messages name where it came from
-    shown: str  # the path as given, cut short
-
-    @property
-    def key(self) -> str:
-        """sha256 of the source: the disk cache's file name and the adapter's identity."""
-        return hashlib.sha256(f"{self.kind}\n{self.location}\n{self.filename}".encode()).hexdigest()
-
-    @property
-    def adapter_name(self) -> str:
-        return f"lora_{self.key[:16]}"
-
-    def names(self) -> str:
-        """The start of every error sentence about this LoRA."""
-        return f"{self.label} names the LoRA {self.shown}, which"
-
-
-def parse_source(path: str, label: str, roots: Iterable[str], weight_name: str | None = None,
-                 scale: float = 1.0) -> LoraSpec:
-    """Check a LoRA path's form (and, for a local file, that it lies inside `roots`); no I/O besides realpath."""
-    text = path.strip()
-    shown = shorten(text, 100)
-    if re.match(r"^https?://", text, flags=re.I):
-        if weight_name:
-            raise InputError(f"{label} is a URL, {shown}, so weight_name (which picks a file in a hub repo) must "
-                             f"be left out.")
-        if not urlparse(text).hostname:
-            raise InputError(f"{label} must be an http(s) URL with a host name, got {shown}.")
-        return LoraSpec("url", text, None, scale, label, shown)
-    if text.startswith("/"):
-        if weight_name:
-            raise InputError(f"{label} is a local path, {shown}, so weight_name (which picks a file in a hub repo) "
-                             f"must be left out.")
-        if not text.lower().endswith(".safetensors"):
-            raise InputError(f"{label} must name a .safetensors file, got {shown}; pickled .ckpt/.pt/.bin files "
-                             f"are not loaded.")
-        real = os.path.realpath(text)
-        allowed = [os.path.realpath(r) for r in roots]
-        if not any(os.path.commonpath([real, r]) == r for r in allowed):
-            raise InputError(f"{label} is the local path {shown}, which lies outside the folders LoRAs may be "
-                             f"read from ({', '.join(allowed)}); put the file there or send a URL.")
-        return LoraSpec("local", real, None, scale, label, shown)
-    match = _HUB_ID.match(text)
-    if not match:
-        raise InputError(f"{label} must be an http(s) URL, a Hugging Face repo id ('owner/name', optionally "
-                         f"followed by '/file.safetensors') or an absolute path of a .safetensors file, got {shown}.")
-    if not match["file"] and match["repo"].lower().endswith(".safetensors"):
-        raise InputError(f"{label} looks like a relative file path, {shown}; a local LoRA needs an absolute path "
-                         f"and a hub repo id is 'owner/name'.")
-    if match["file"] and weight_name:
-        raise InputError(f"{label} names the file {shorten(match['file'], 60)} inside the repo and weight_name "
-                         f"names another; give the file in one of them.")
-    filename = match["file"] or weight_name or DEFAULT_WEIGHT_NAME
-    if ".." in filename.split("/") or filename.startswith("/") or not filename.lower().endswith(".safetensors"):
-        raise InputError(f"{label} must name a .safetensors file inside the repo {match['repo']!r}, got "
-                         f"{shorten(filename, 60)}.")
-    return LoraSpec("hub", match["repo"], filename, scale, label, shown)
 
 
 def _resolve_loras(entries: list[dict[str, Any]], preset: str | None, settings: Settings) -> tuple[LoraSpec, ...]:
@@ -433,9 +251,9 @@ def validate_input(raw: Any, settings: Settings | None = None) -> Job:
     """
     settings = settings or Settings()
     if not isinstance(raw, dict):
-        raise InputError(f"The job input must be a JSON object, got {_kind(raw)} {shorten(raw)}.")
+        raise InputError(f"The job input must be a JSON object, got {kind(raw)} {shorten(raw)}.")
     mode = raw.get("mode") if raw.get("mode") is not None else "image"
-    _coerce("mode", MODE, mode)
+    coerce("mode", MODE, mode)
     schema = INPUT_SCHEMA[mode]
     unknown = sorted(k for k in raw if k not in schema)
     if unknown:
@@ -449,7 +267,7 @@ def validate_input(raw: Any, settings: Settings | None = None) -> Job:
                 raise InputError(f"Field '{name}' is required in mode '{mode}' and must be {param.allowed()}.")
             p[name] = [] if param.type is list else param.default
         else:
-            p[name] = _coerce(name, param, value)
+            p[name] = coerce(name, param, value)
     # A preset changes defaults only: a field the request gives keeps its value.
     for name, value in VIDEO_PRESETS.get(p.get("preset"), {}).items():
         if raw.get(name) is None:
@@ -477,13 +295,13 @@ def _check_image(job: ImageJob, settings: Settings, with_loras: bool) -> None:
                          "(img2img runs only the refiner); send loras without image_url, or image_url without loras.")
     if job.image_url:
         if job.refiner_steps < 1:
-            raise InputError(f"Field 'strength' is {_num(job.strength)}, which with refiner_inference_steps="
+            raise InputError(f"Field 'strength' is {num(job.strength)}, which with refiner_inference_steps="
                              f"{job.refiner_inference_steps} leaves no refiner step; raise either so that their "
                              f"product is at least 1.")
     else:
         # The refiner always keeps a step: high_noise_frac < 1 leaves it at least one.
         if job.base_steps < 1:
-            raise InputError(f"Field 'high_noise_frac' is {_num(job.high_noise_frac)}, which with "
+            raise InputError(f"Field 'high_noise_frac' is {num(job.high_noise_frac)}, which with "
                              f"num_inference_steps={job.num_inference_steps} leaves the base model no step; "
                              f"raise either so that their product is at least 1.")
     _check_pixels(job, settings)
@@ -495,11 +313,19 @@ def _check_pixels(job: ImageJob, settings: Settings) -> None:
         raise InputError(f"Fields num_images x height x width ask for {pixels:,} pixels; this worker allows at "
                          f"most {settings.max_image_pixels:,} per job (MAX_IMAGE_PIXELS), so ask for fewer or "
                          f"smaller images.")
+    if _inline(job, settings):
+        bits = inline_bytes(settings.max_inline_chars // job.num_images, "image/jpeg") * 8 / (job.height * job.width)
+        if bits < MIN_IMAGE_BITS_PER_PIXEL:
+            raise InputError(f"Fields num_images x height x width ask for {pixels:,} pixels, too many for "
+                             f"{inline_limit(settings.max_inline_chars)}: it leaves {bits:.2f} bits per pixel where a "
+                             f"JPEG of good quality needs at least {MIN_IMAGE_BITS_PER_PIXEL:g}; "
+                             f"{inline_fix(settings.bucket)}, or ask for fewer or smaller images.")
 
 
 def _check_video(job: VideoJob, settings: Settings) -> None:
     if not job.prompt.strip():
-        raise InputError("Field 'prompt' must describe the video, got an empty string.")
+        got = "an empty string" if not job.prompt else f"{shorten(job.prompt)}, which is only white space"
+        raise InputError(f"Field 'prompt' must describe the video, got {got}.")
     if (job.height is None) != (job.width is None):
         given = "height" if job.height is not None else "width"
         raise InputError(f"Field '{given}' was given without its partner; send both height and width, "
@@ -514,55 +340,28 @@ def _check_video(job: VideoJob, settings: Settings) -> None:
                          f"{settings.num_gpus} GPUs (each would decide alone which steps to skip); send "
                          f"'off' or 'taylorseer'.")
     if job.height is not None:
-        _check_tokens(job, settings)  # before anything is fetched
+        check_tokens(job, settings)  # before anything is fetched
 
 
-def _check_tokens(job: VideoJob, settings: Settings) -> None:
+def check_tokens(job: VideoJob, settings: Settings) -> None:
     if job.tokens > settings.max_video_tokens:
         raise InputError(f"Fields num_frames={job.num_frames}, height={job.height}, width={job.width} make "
                          f"{job.tokens:,} transformer tokens; this worker allows at most "
                          f"{settings.max_video_tokens:,} (MAX_VIDEO_TOKENS, about 1.5x a 480x832 81-frame video) "
                          f"to stay within GPU memory and time, so ask for fewer frames or a smaller size.")
+    if _inline(job, settings):
+        budget = video_bytes(inline_bytes(settings.max_inline_chars, "video/mp4"), job.num_frames)
+        bits = budget * 8 / (job.num_frames * job.height * job.width)
+        if bits < MIN_VIDEO_BITS_PER_PIXEL:
+            raise InputError(f"Fields num_frames={job.num_frames}, height={job.height}, width={job.width} make a video "
+                             f"too large for {inline_limit(settings.max_inline_chars)}: it leaves {bits:.3f} bits per "
+                             f"pixel of each frame where H.264 needs at least {MIN_VIDEO_BITS_PER_PIXEL:g}; "
+                             f"{inline_fix(settings.bucket)}, or ask for fewer frames or a smaller size.")
 
 
-def fit_area(width: int, height: int, area: int, multiple: int) -> tuple[int, int]:
-    """Size with the aspect ratio of width x height and about `area` pixels, each side a multiple.
-
-    This is the recipe of diffusers' Wan I2V example (1280x720 -> 832x464 inside 480x832).
-    """
-    aspect = height / width
-    out_h = round(math.sqrt(area * aspect)) // multiple * multiple
-    out_w = round(math.sqrt(area / aspect)) // multiple * multiple
-    return out_w, out_h
-
-
-def _check_derived_size(image_size: tuple[int, int], size: tuple[int, int], sides: tuple[int, int],
-                        advice: str) -> None:
-    if not all(sides[0] <= side <= sides[1] for side in size):
-        raise InputError(f"Field 'image_url' is a {image_size[0]}x{image_size[1]} image whose aspect ratio gives a "
-                         f"{size[0]}x{size[1]} result; sides from {sides[0]} to {sides[1]} are allowed, so {advice}.")
-
-
-def size_image_job(job: ImageJob, image_size: tuple[int, int]) -> ImageJob:
-    """img2img keeps the input's aspect ratio at the requested pixel count (multiples of 8 for the VAE)."""
-    size = fit_area(*image_size, job.width * job.height, 8)
-    advice = "send a less elongated image"
-    if IMAGE_SIDES[0] * max(image_size) <= IMAGE_SIDES[1] * min(image_size):  # another pixel count would fit it
-        advice += f" or a {'smaller' if max(size) > IMAGE_SIDES[1] else 'larger'} height x width"
-    _check_derived_size(image_size, size, IMAGE_SIDES, advice)
-    return replace(job, width=size[0], height=size[1])
-
-
-def size_video_job(job: VideoJob, image_size: tuple[int, int], settings: Settings) -> VideoJob:
-    """A video without height/width takes the input's aspect ratio inside 480x832 (multiples of 16)."""
-    if job.height is not None:
-        return job
-    size = fit_area(*image_size, VIDEO_MAX_AREA, 16)
-    _check_derived_size(image_size, size, VIDEO_SIDES,
-                        "send height and width explicitly or a less elongated image")
-    job = replace(job, width=size[0], height=size[1])
-    _check_tokens(job, settings)
-    return job
+def _inline(job: Job, settings: Settings) -> bool:
+    """Whether the job's result is meant to come back inline (an upload that fails falls back to inline too)."""
+    return settings.bucket is None or job.output == "base64"
 
 
 def markdown_tables() -> str:

@@ -54,6 +54,7 @@ class Settings:
     # Request guards (hostile or simply too large input), checked before any model work.
     max_video_tokens: int = 49_140  # latent tokens; 480x832x81 is 32,760
     max_image_pixels: int = 4 * 1024 * 1024 * 2  # num_images x height x width
+    max_inline_chars: int = 10_000_000  # a result returned as base64 (MAX_INLINE_MB): RunPod carries 10 MB on /run
     max_input_image_bytes: int = 20 * 1024 * 1024
     max_input_image_pixels: int = 40_000_000
     fetch_timeout_s: float = 15.0
@@ -260,6 +261,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         bucket=_bucket(env),
         max_video_tokens=_int(env, "MAX_VIDEO_TOKENS", Settings.max_video_tokens),
         max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", Settings.max_image_pixels),
+        max_inline_chars=int(_positive(env, "MAX_INLINE_MB", Settings.max_inline_chars / 1e6) * 1e6),
         max_input_image_bytes=_int(env, "MAX_INPUT_IMAGE_BYTES", Settings.max_input_image_bytes),
         max_input_image_pixels=_int(env, "MAX_INPUT_IMAGE_PIXELS", Settings.max_input_image_pixels),
         fetch_timeout_s=_positive(env, "FETCH_TIMEOUT_S", Settings.fetch_timeout_s),

@@ -3,32 +3,64 @@
 Uploads use boto3 directly (runpod's rp_upload labels .mp4 as image/mp4 and silently writes
 to a local folder when the bucket is not fully configured). Each object lands under a key
 holding the job id, with its real Content-Type. A failed upload is retried with backoff;
-if it still fails the result comes back inline with a warning when it fits RunPod's payload
-limit, otherwise the job fails with the cause. Credentials never reach a message or a log.
+if it still fails the result comes back inline with a warning. An inline result over RunPod's
+payload limit (MAX_INLINE_MB) comes back smaller with a warning (an MP4 re-encoded at a lower
+bitrate, images as JPEG) rather than lost; only one that cannot be made to fit fails the job.
+Credentials never reach a message or a log. Local runs save results to files (`save_local`), and
+`check_folders` reports at start-up each folder the worker writes that cannot work.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import logging
 import re
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from PIL import Image
 
 from errors import DeliveryError
-from settings import Bucket
-from video_utils import data_uri
+from folders import folder_fault
+from inline import inline_bytes, inline_fix, inline_limit
+from settings import Bucket, Settings
+from video_utils import data_uri, jpeg_bytes, shrink_mp4
 
 log = logging.getLogger("worker")
-# RunPod caps job payloads (10 MB on /run, 20 MB on /runsync); inline results stay under it.
-MAX_INLINE_CHARS = 10_000_000
+# RunPod caps job payloads (10 MB on /run, 20 MB on /runsync); inline results stay under it (MAX_INLINE_MB).
+MAX_INLINE_CHARS = Settings.max_inline_chars
+JPEG_QUALITIES = (90, 75)  # the tries for images too large as PNG: both look like the PNG at a glance
 # Tries per object and the first pause between them (doubled after each failure): 1 s + 2 s.
 UPLOAD_ATTEMPTS = 3
 UPLOAD_BACKOFF_S = 1.0
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+
+# A run this long of base64 characters is a payload (an image or a video), never words worth logging.
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{1000,}={0,2}")
+
+
+def cut_payloads(text: str) -> str:
+    return _BASE64_RUN.sub(lambda m: f"{m.group()[:40]}...({len(m.group()):,} base64 characters)", text)
+
+
+class PayloadFilter(logging.Filter):
+    """Keeps base64 out of the worker's log: an exception's text (logged with its traceback when a job fails
+    inside) may quote a request's image or a result."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _BASE64_RUN.search(message):
+            record.msg, record.args = cut_payloads(message), ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = cut_payloads(record.exc_text)
+        return True
 
 
 @dataclass(frozen=True)
@@ -113,58 +145,112 @@ def _describe(err: Exception) -> str:
     return type(err).__name__ + (f": {err}" if str(err) else "")
 
 
-def deliver(artifacts: list[Artifact], job_id: str, bucket: Bucket | None, output: str,
-            attempts: int | None = None, backoff_s: float | None = None) -> tuple[list[str], list[str]]:
-    """Return (one URL or data URI per artifact, warnings) according to the request's `output`.
+class Delivered(NamedTuple):
+    urls: list[str]  # one URL or data URI per artifact
+    warnings: list[str]
+    upload_s: float | None  # seconds spent uploading (None: returned inline without trying)
 
-    output 'base64' (or no bucket) inlines, refusing a result RunPod could not carry; 'auto' and 's3'
-    upload when a bucket is configured ('s3' without one is refused when the job is checked, so no
-    result is made only to be dropped).
+
+def deliver(artifacts: list[Artifact], job_id: str, bucket: Bucket | None, output: str,
+            attempts: int | None = None, backoff_s: float | None = None,
+            limit: int = MAX_INLINE_CHARS) -> Delivered:
+    """The artifacts delivered according to the request's `output`.
+
+    output 'base64' (or no bucket) inlines within `limit` characters (MAX_INLINE_MB), shrinking a result that is
+    over it (`inline`); 'auto' and 's3' upload when a bucket is configured ('s3' without one is refused when the job
+    is checked, so no result is made only to be dropped) and fall back to inline when the upload fails.
     """
     if bucket is None or output == "base64":
-        inline = [data_uri(a.data, a.mime) for a in artifacts]
-        size = sum(len(uri) for uri in inline)
-        if size > MAX_INLINE_CHARS:
-            # RunPod would drop a result this large; say so instead of losing it without a word.
-            fix = ("ask for output 'auto' to receive it as a URL from the configured bucket" if bucket else
-                   "configure a bucket (BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY) to "
-                   "receive it as a URL")
-            raise DeliveryError(f"The result is {size:,} characters as base64, over the {MAX_INLINE_CHARS:,} that "
-                                f"RunPod carries inline for /run (20 MB for /runsync); {fix}, or ask for a smaller "
-                                f"output.")
-        return inline, []
+        return Delivered(*inline(artifacts, limit, inline_fix(bucket)), None)
     attempts = UPLOAD_ATTEMPTS if attempts is None else max(1, attempts)
+    start = time.perf_counter()
     try:
-        return upload(artifacts, job_id, bucket, attempts=attempts, backoff_s=backoff_s), []
+        return Delivered(upload(artifacts, job_id, bucket, attempts=attempts, backoff_s=backoff_s), [],
+                         time.perf_counter() - start)
     except UploadFailed as err:
-        inline = [data_uri(a.data, a.mime) for a in artifacts]
-        size = sum(len(uri) for uri in inline)
         tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
-        if size <= MAX_INLINE_CHARS:
-            log.error("upload to bucket '%s' failed after %s (%s); returning the result inline",
-                      bucket.name, tries, err)
-            return inline, [f"Upload to bucket '{bucket.name}' failed after {tries} ({err}); "
-                            f"the result is returned inline as base64 instead."]
-        message = (f"Upload to bucket '{bucket.name}' failed after {tries} ({err}) and the result "
-                   f"({size:,} characters as base64) exceeds the {MAX_INLINE_CHARS:,}-character inline limit; "
-                   f"fix the bucket settings or ask for a smaller output.")
-        log.error("%s", message)
-        raise DeliveryError(message) from None
+        failed = f"Upload to bucket '{bucket.name}' failed after {tries} ({err})"
+        try:
+            uris, warnings = inline(artifacts, limit, "fix the bucket settings to receive it as a URL")
+        except DeliveryError as too_big:
+            message = f"{failed}, and {str(too_big)[0].lower()}{str(too_big)[1:]}"
+            log.error("%s", message)
+            raise DeliveryError(message) from None
+        log.error("upload to bucket '%s' failed after %s (%s); returning the result inline", bucket.name, tries, err)
+        return Delivered(uris, [f"{failed}; the result is returned inline as base64 instead.", *warnings],
+                         time.perf_counter() - start)
 
 
-def save_local(result: dict[str, Any], directory: Path) -> dict[str, Any]:
-    """Write every inline data URI of a result to `directory`; returns the result with paths in their place."""
+def inline(artifacts: list[Artifact], limit: int, fix: str) -> tuple[list[str], list[str]]:
+    """Data URIs of the artifacts within `limit` characters, and warnings. A result over the limit comes back smaller
+    rather than lost: an MP4 re-encoded at the bitrate that fits, images as JPEG; a DeliveryError naming the limit
+    and `fix` (how to receive it whole) when even that is over."""
+    uris = [data_uri(a.data, a.mime) for a in artifacts]
+    size = sum(len(uri) for uri in uris)
+    if size <= limit:
+        return uris, []
+    was = f"The result took {size:,} characters as base64, over {inline_limit(limit)}"
+    if artifacts[0].mime == "video/mp4":
+        return _smaller_video(artifacts[0], limit, was, fix)
+    return _smaller_images(artifacts, limit, was, fix)
+
+
+def _smaller_video(artifact: Artifact, limit: int, was: str, fix: str) -> tuple[list[str], list[str]]:
+    mp4, kbps = shrink_mp4(artifact.data, inline_bytes(limit, "video/mp4"))
+    uri = data_uri(mp4, "video/mp4")
+    if len(uri) > limit:
+        raise DeliveryError(f"{was}, and re-encoded at {kbps:,} kbit/s it still took {len(uri):,}; {fix}, or ask "
+                            f"for fewer frames or a smaller size.")
+    return [uri], [f"{was}, so the video was re-encoded at {kbps:,} kbit/s ({len(uri):,} characters); {fix}, at "
+                   f"full quality."]
+
+
+def _smaller_images(artifacts: list[Artifact], limit: int, was: str, fix: str) -> tuple[list[str], list[str]]:
+    images = [Image.open(io.BytesIO(a.data)) for a in artifacts]
+    for quality in JPEG_QUALITIES:
+        uris = [data_uri(jpeg_bytes(image, quality), "image/jpeg") for image in images]
+        size = sum(len(uri) for uri in uris)
+        if size <= limit:
+            what = "the image is" if len(images) == 1 else f"the {len(images)} images are"
+            return uris, [f"{was}, so {what} returned as JPEG at quality {quality} ({size:,} characters); {fix}, at "
+                          f"full quality."]
+    raise DeliveryError(f"{was}, and as JPEG at quality {quality} it still took {size:,}; {fix}, or ask for fewer or "
+                        f"smaller images.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Local runs and the folders the worker writes
+# ---------------------------------------------------------------------------------------------
+_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "video/mp4": "mp4"}
+# Below this much free space a folder is reported at start-up as nearly full (a 480x832 81-frame MP4 is ~10 MB).
+
+
+def save_local(result: dict[str, Any], root: str, job_id: str) -> dict[str, Any]:
+    """Local runs (`python handler.py`, --test_input): write every inline data URI of a result to <root>/<job id>/
+    and return the result with the paths in their place, so the log shows paths rather than megabytes of base64;
+    {"error": sentence} when LOCAL_OUTPUT_DIR (`root`) cannot take them."""
+    try:
+        return _save(result, Path(root) / job_id)
+    except OSError as err:
+        fault = folder_fault(err, "LOCAL_OUTPUT_DIR", root) or (
+            f"LOCAL_OUTPUT_DIR={root!r} gave '{err.strerror}'; set LOCAL_OUTPUT_DIR to another folder")
+        return {"error": f"The result could not be saved locally: {fault}."}
+
+
+def _save(result: dict[str, Any], directory: Path) -> dict[str, Any]:
     directory.mkdir(parents=True, exist_ok=True)
     shown = dict(result)
-    for field, name in (("video", "video.mp4"), ("images", None)):
+    for field, stem in (("video", "video"), ("images", "image-{i}")):
         values = result.get(field)
         if values is None:
             continue
         paths = []
         for i, uri in enumerate([values] if isinstance(values, str) else values):
             if uri.startswith("data:"):
-                path = directory / (name or f"image-{i}.png")
-                path.write_bytes(base64.b64decode(uri.split(",", 1)[1]))
+                header, data = uri.split(",", 1)
+                mime = header.removeprefix("data:").split(";")[0]
+                path = directory / f"{stem.format(i=i)}.{_EXTENSIONS.get(mime, 'bin')}"
+                path.write_bytes(base64.b64decode(data))
                 log.info("wrote %s", path)
                 uri = str(path)
             paths.append(uri)

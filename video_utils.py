@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import concurrent.futures
+import errno
 import io
+import logging
 import os
 import re
+import shutil
+import signal
+import subprocess
 import tempfile
+import threading
 import warnings
 import zlib
 
@@ -22,8 +29,12 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageOps
 
-from errors import InputError, shorten
+from errors import InputError, ResourceError, shorten
 from fetch import fetch_url
+from folders import folder_fault
+from inline import video_bytes
+
+log = logging.getLogger("worker")
 
 # Formats PIL may decode. Leaves out EPS/PS (PIL hands those to Ghostscript) and exotic codecs.
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -97,7 +108,7 @@ def _b64decode(payload: str, field: str, max_bytes: int) -> bytes | None:
 def decode_image(data: bytes, field: str, *, max_pixels: int) -> Image.Image:
     """Decode image bytes to RGB, refusing non-images, truncated files and decompression bombs."""
     if not data:
-        raise InputError(f"Field '{field}' holds no data; send a PNG, JPEG or WebP image.")
+        raise InputError(f"Field '{field}' holds no data; send a {FORMAT_WORDS}.")
     head = "".join(chr(b) if 32 <= b < 127 else "." for b in data[:16])  # printable ASCII only
     try:
         with warnings.catch_warnings():
@@ -147,16 +158,23 @@ class Mp4Stream:
     Exactly one video frame per input frame at a constant `fps`; '+faststart' moves the index to
     the front so browsers play the file while it downloads. H and W must be even. CRF sets the
     quality; the x264 preset trades encode time for file size (MP4_PRESET). ffmpeg starts with the
-    first frames; leaving the `with` block without `finish()` lets it end and keeps nothing.
+    first frames and writes into a temp folder of this process (see `remove_leftovers`); leaving the
+    `with` block without `finish()` stops it and keeps nothing. ffmpeg runs here rather than through
+    imageio-ffmpeg's writer, which ignores ffmpeg's exit status and lets its stderr go to the log: a
+    failure then reads as "Broken pipe" or, at the end of the file, as a truncated MP4.
     """
 
     def __init__(self, width: int, height: int, fps: int, crf: int = 18, preset: str = "veryfast") -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="mp4-")
+        self._tmp = temp_folder()
         self._path = os.path.join(self._tmp.name, "video.mp4")
-        self._options = dict(size=(width, height), fps=fps, codec="libx264", pix_fmt_in="rgb24",
-                             pix_fmt_out="yuv420p", quality=None, macro_block_size=2, ffmpeg_log_level="error",
-                             output_params=["-crf", str(crf), "-preset", preset, "-movflags", "+faststart"])
-        self._writer = None
+        # imageio-ffmpeg's command for these options, so the bytes are the ones it made.
+        self._cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
+                     "-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", str(fps), "-i", "-", "-an",
+                     "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-v", "error", "-crf", str(crf), "-preset", preset,
+                     "-movflags", "+faststart", self._path]
+        self._ffmpeg: subprocess.Popen | None = None
+        self._said: collections.deque[str] = collections.deque(maxlen=8)  # ffmpeg's last lines on stderr
+        self._reader: threading.Thread | None = None
         # Frames go to ffmpeg from a thread: the caller (the VAE's decode loop) goes on while ffmpeg reads them.
         self._sender = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp4")
         self._sent: list[concurrent.futures.Future] = []
@@ -168,30 +186,175 @@ class Mp4Stream:
         self._sent.append(self._sender.submit(self._send, frames))
 
     def _send(self, frames: np.ndarray) -> None:
-        if self._writer is None:
-            self._writer = imageio_ffmpeg.write_frames(self._path, **self._options)
-            self._writer.send(None)
+        if self._ffmpeg is None:
+            self._ffmpeg = subprocess.Popen(self._cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE)
+            self._reader = threading.Thread(target=self._read_stderr, name="mp4-stderr", daemon=True)
+            self._reader.start()
         for frame in frames:
-            self._writer.send(np.ascontiguousarray(frame))
+            self._ffmpeg.stdin.write(np.ascontiguousarray(frame).data)
+        self._ffmpeg.stdin.flush()  # x264 gets these frames now, while the VAE decodes the next
+
+    def _read_stderr(self) -> None:
+        """Keep ffmpeg's last words (it says why it stopped); read as they come so that its pipe never fills."""
+        for line in self._ffmpeg.stderr:
+            self._said.append(line.decode(errors="replace").strip())
 
     def finish(self) -> bytes:
         """Wait for the frames to be encoded; the MP4's bytes."""
+        broken: OSError | None = None
         for sent in self._sent:
             try:
                 sent.result()
-            except OSError as err:  # imageio-ffmpeg's message goes on with the whole ffmpeg command line
-                raise OSError(f"the MP4 encoder (ffmpeg) failed: {str(err).splitlines()[0]}") from err
-        if self._writer is None:
+            except OSError as err:  # ffmpeg stopped reading (or never started): its exit says why
+                broken = broken or err
+        if self._ffmpeg is None:
+            if broken is not None:
+                raise OSError(f"the MP4 encoder (ffmpeg) could not start: {broken}") from broken
             raise ValueError("an MP4 needs at least one frame")
-        self._writer.close()  # ffmpeg encodes the frames it still holds and writes the index
-        with open(self._path, "rb") as fh:
-            return fh.read()
+        self._stop(kill=False)  # ffmpeg encodes the frames it still holds and writes the index
+        if broken is not None or self._ffmpeg.returncode != 0:
+            raise self._failure(broken)
+        try:
+            with open(self._path, "rb") as fh:
+                return fh.read()
+        except OSError as err:
+            raise self._failure(err) from err
+
+    def _stop(self, kill: bool) -> None:
+        if kill and self._ffmpeg.poll() is None:
+            self._ffmpeg.kill()
+        try:
+            self._ffmpeg.stdin.close()
+        except OSError:  # already broken: ffmpeg has gone
+            pass
+        self._ffmpeg.wait()
+        self._reader.join()
+        self._ffmpeg.stderr.close()
+
+    def _failure(self, err: OSError | None) -> Exception:
+        return encoder_failure(list(self._said), self._ffmpeg.returncode, err)
 
     def __enter__(self) -> Mp4Stream:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._sender.shutdown(wait=True, cancel_futures=True)
-        if self._writer is not None:
-            self._writer.close()
+        if self._ffmpeg is not None and self._reader is not None:
+            self._stop(kill=True)  # after finish() it has ended; otherwise its MP4 is not wanted
         self._tmp.cleanup()
+
+
+# ------------------------------------------------------------------------------------ temp folders
+_LEFTOVER = re.compile(r"^mp4-(\d+)-")  # the temp folders of temp_folder(): mp4-<pid>-<random>
+
+
+def temp_folder() -> tempfile.TemporaryDirectory:
+    """A temp folder for one MP4, named by this process's id so that a later start can tell a dead worker's."""
+    try:
+        return tempfile.TemporaryDirectory(prefix=f"mp4-{os.getpid()}-")
+    except OSError as err:
+        if fault := temp_fault(err):
+            raise ResourceError(f"The MP4 could not be written: {fault}.") from None
+        raise
+
+
+def temp_fault(err: OSError) -> str | None:
+    return folder_fault(err, "TMPDIR", tempfile.gettempdir())
+
+
+def remove_leftovers(folder: str | None = None) -> list[str]:
+    """Delete the MP4 temp folders of worker processes that no longer run (killed mid-job); returns their paths.
+
+    Call once at start-up, before any job: a folder named with this process's own id is then a previous
+    worker's (a restarted container gives its worker the same pid). Folders of running processes (another
+    worker sharing the temp folder) stay. The worker writes nothing else into the temp folder: the default
+    LoRA cache there is a cache, kept and bounded by LORA_CACHE_GB.
+    """
+    folder = folder or tempfile.gettempdir()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no temp folder to clean: check_folders reports it
+        return []
+    removed = []
+    for entry in entries:
+        match = _LEFTOVER.match(entry.name)
+        if match and entry.is_dir(follow_symlinks=False) and not _running(int(match[1])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    if removed:
+        log.info("removed %d temp folder(s) left by a stopped worker: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def encoder_failure(said: list[str], code: int | None, err: OSError | None) -> Exception:
+    """The error for an MP4 that ffmpeg could not make, from its last lines on stderr, its exit status and the
+    OSError met on our side: a full or unwritable TMPDIR is a ResourceError naming it."""
+    text = " ".join(said)
+    if "No space left on device" in text or "Disk quota exceeded" in text:
+        err = OSError(errno.ENOSPC, "No space left on device")
+    if err is not None and (fault := temp_fault(err)):
+        return ResourceError(f"The MP4 could not be written: {fault}.")
+    if code is not None and code < 0:
+        return OSError(f"the MP4 encoder (ffmpeg) was stopped by {signal.Signals(-code).name}")
+    detail = said[-1] if said else (str(err) if err else f"exit status {code}")
+    return OSError(f"the MP4 encoder (ffmpeg) failed: {detail}")
+
+
+def shrink_mp4(data: bytes, max_bytes: int, preset: str = "veryfast") -> tuple[bytes, int]:
+    """The MP4 re-encoded at the average bitrate that fits it into `max_bytes`, and that bitrate in kbit/s.
+
+    x264 holds an average rate under a VBV cap of one second (the clip's length when shorter), a little over it at
+    times and more on a short noisy clip: a result still over gets one more try, its rate lowered in proportion.
+    The second try is returned even when it is over (the caller says so). Every frame and the frame rate are kept.
+    """
+    with temp_folder() as folder:
+        source = os.path.join(folder, "video.mp4")
+        try:
+            with open(source, "wb") as fh:
+                fh.write(data)
+        except OSError as err:
+            raise encoder_failure([], None, err) from err
+        frames, seconds = imageio_ffmpeg.count_frames_and_secs(source)
+        kbps = max(1, int(video_bytes(max_bytes, frames) * 8 * 0.9 / seconds / 1000))
+        target = os.path.join(folder, "smaller.mp4")
+        mp4 = _reencode(source, target, kbps, min(seconds, 1.0), preset)
+        if len(mp4) > max_bytes:
+            kbps = max(1, int(kbps * max_bytes / len(mp4) * 0.8))
+            mp4 = _reencode(source, target, kbps, min(seconds, 1.0), preset)
+        return mp4, kbps
+
+
+def _reencode(source: str, target: str, kbps: int, buffer_s: float, preset: str) -> bytes:
+    rate = ["-b:v", f"{kbps}k", "-maxrate", f"{kbps}k", "-bufsize", f"{max(1, int(kbps * buffer_s))}k"]
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-i", source, "-an", "-vcodec", "libx264",
+           "-pix_fmt", "yuv420p", *rate, "-preset", preset, "-fps_mode", "passthrough", "-movflags", "+faststart",
+           target]
+    done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True)
+    said = done.stderr.decode(errors="replace").splitlines()[-8:]
+    if done.returncode != 0:
+        raise encoder_failure(said, done.returncode, None)
+    try:
+        with open(target, "rb") as fh:
+            return fh.read()
+    except OSError as err:
+        raise encoder_failure(said, done.returncode, err) from err
+
+
+def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
+    """A JPEG of `image` (4:2:0, optimized Huffman tables): the smaller form of a result too large as PNG."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality, optimize=True)
+    return buf.getvalue()

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from folders import folder_fault
+
 log = logging.getLogger("worker")
 # torch's counters of cache lookups: inductor's kernels (fxgraph) and the traced graphs (aot_autograd).
 COUNTERS = {"inductor": ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass"),
@@ -91,5 +93,7 @@ class CompileCache:
             log.info("compile cache written to %s (%.1f MB)", self.path, len(artifacts[0]) / 1e6)
             return True
         except Exception as err:  # noqa: BLE001 - a read-only or full volume costs the next worker a compile
-            log.warning("compile cache %s could not be written (%s)", self.path, err)
+            fault = folder_fault(err, "COMPILE_CACHE_DIR", self.path.parent) if isinstance(err, OSError) else None
+            log.warning("compile cache %s could not be written: %s; the next worker compiles again", self.path,
+                        fault or err)
             return False

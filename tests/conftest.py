@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +81,28 @@ def make_worker(tiny_env: dict[str, str], tiny_models: ModelHandler):
         return Worker(plan.settings, ModelHandler(plan) if new_models else tiny_models)
 
     return make
+
+
+@pytest.fixture()
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Factory: tmpfs(size="8k", read_only=False) mounts a small tmpfs under tmp_path and returns its folder: a
+    disk that fills, or refuses every write. Mounting needs root (CAP_SYS_ADMIN); elsewhere the test is skipped."""
+    mounted: list[Path] = []
+
+    def mount(size: str = "8k", read_only: bool = False) -> Path:
+        path = tmp_path / f"disk-{len(mounted)}"
+        path.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
+                             text=True)
+        if out.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({out.stderr.strip() or out.returncode})")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
 
 
 def png_image(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:

@@ -83,7 +83,7 @@ BAD_INPUTS = [
      "Field 'image_url' is not a decodable image (truncated or corrupt data starting '.PNG........IHDR'); "
      "send a PNG, JPEG, WebP, GIF, BMP or TIFF image."),
     ("image_url is empty", {**V, "image_url": ""},
-     "Field 'image_url' holds no data; send a PNG, JPEG or WebP image."),
+     "Field 'image_url' holds no data; send a PNG, JPEG, WebP, GIF, BMP or TIFF image."),
     ("image img2img url is not an image", {"prompt": "x", "image_url": "data:image/png;base64," + TEXT_B64},
      "Field 'image_url' is not a decodable image (unrecognized data starting 'this is just som'); send a PNG, "
      "JPEG, WebP, GIF, BMP or TIFF image."),

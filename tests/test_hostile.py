@@ -36,7 +36,8 @@ from runpod.serverless.utils import rp_ssrf
 from werkzeug import Request, Response
 
 from fetch import fetch_url
-from schemas import INPUT_SCHEMA, SCHEDULERS, ImageJob, InputError, VideoJob, _coerce, validate_input
+from fields import coerce
+from schemas import INPUT_SCHEMA, SCHEDULERS, ImageJob, InputError, VideoJob, validate_input
 from video_utils import decode_image
 
 OPEN_ENV = {"RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true", "FETCH_TIMEOUT_S": "3", "MAX_INPUT_IMAGE_BYTES": "5000000"}
@@ -373,6 +374,8 @@ CASES = [
     ("prompt-null", "guarded", {**VIDEO, "prompt": None},
      "Field 'prompt' is required in mode 'video' and must be a string of at most 2,000 characters."),
     ("prompt-blank", "guarded", {**VIDEO, "prompt": "   "},
+     "Field 'prompt' must describe the video, got '   ', which is only white space."),
+    ("prompt-empty", "guarded", {**VIDEO, "prompt": ""},
      "Field 'prompt' must describe the video, got an empty string."),
     ("image-url-object", "guarded", {**VIDEO, "image_url": {"url": "http://example.com/cat.png"}},
      "Field 'image_url' must be a string of at most 28,000,000 characters, got object "
@@ -395,6 +398,13 @@ CASES = [
      f"Field '__proto__' is not accepted in mode 'video'; allowed fields are: {', '.join(INPUT_SCHEMA['video'])}."),
     ("empty-input", "guarded", {},
      "Field 'prompt' is required in mode 'image' unless image_url is given."),
+    # -- text the libraries below cannot take (JSON carries a lone surrogate as "\ud800") --------
+    ("prompt-lone-surrogate", "guarded", {"prompt": "a \ud800 b", "height": 128, "width": 128},
+     "Field 'prompt' must be valid Unicode text, got 'a \\ud800 b', which holds a lone UTF-16 surrogate ('\\ud800') "
+     "at character 3; send whole characters (a complete surrogate pair, or the text as UTF-8)."),
+    ("lora-path-nul", "guarded", {"prompt": "a cat", "loras": [{"path": "/models/a\x00.safetensors"}]},
+     "Field 'loras[0].path' must not hold a NUL character, got '/models/a\\x00.safetensors' (NUL at character 10); "
+     "no file path can hold one."),
 ]
 
 
@@ -461,7 +471,12 @@ def test_server_logs_never_hold_a_payload(api, open_api):
 # ---------------------------------------------------------------------------------------------
 # 2. Property-based fuzzing
 # ---------------------------------------------------------------------------------------------
-JSON_SCALARS = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=30)
+# Text that JSON carries and the libraries below refuse: lone UTF-16 surrogates, NUL.
+ODD_CHARS = ("\ud800", "\udfff", "\ud83d", "\x00")
+ODD_TEXT = st.builds(lambda a, odd, b: a + odd + b, st.text(max_size=10), st.sampled_from(ODD_CHARS),
+                     st.text(max_size=10))
+JSON_SCALARS = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=30)
+                | ODD_TEXT)
 JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
 ALL_FIELDS = sorted({name for fields in INPUT_SCHEMA.values() for name in fields})
@@ -482,10 +497,15 @@ def edge_values(name: str) -> st.SearchStrategy:
             out += ["", " ", "x" * p.max_length, "x" * (p.max_length + 1)]
         elif p.max_length:
             out += ["", " "]
+        if p.type is str:
+            out += ["a \ud800 b", "\udfff", "x\x00y", "/models/a\x00.safetensors"]
         if p.items:  # a list of objects (LoRAs)
             entry = {k: "x" for k, sub in p.items.items() if sub.required}
             out += [[], [{}], [entry], [entry] * ((p.max_items or 1) + 1), [{**entry, "junk": 1}],
-                    [{"path": "/etc/passwd"}], [{"path": "file:///etc/passwd"}], ["string"]]
+                    [{"path": "/etc/passwd"}], [{"path": "file:///etc/passwd"}], ["string"], [None], [{"path": " "}],
+                    [{"path": "me/st\ud800yle"}], [{"path": "/models/a\x00.safetensors"}],
+                    [{"path": "me/style", "weight_name": "a\udfff.safetensors"}],
+                    [{"path": "me/style", "weight_name": "a\x00.safetensors"}]]
         if p.default is not None:
             out.append(p.default)
     return st.sampled_from(out or [0]) | JSON_VALUES
@@ -530,7 +550,7 @@ def _accepted(param, name: str, value) -> bool:
     if value is None:
         return True  # absent: the (large) default applies
     try:
-        _coerce(name, param, value)
+        coerce(name, param, value)
         return True
     except InputError:
         return False
@@ -554,6 +574,8 @@ def image_urls() -> st.SearchStrategy:
         "http://127.0.0.1:9/x.png", "http://169.254.169.254/latest/meta-data", "", "   ", "not an image",
         base64.b64encode(b"GIF89a" + b"\0" * 20).decode(), base64.b64encode(png_header_only(30000, 30000)).decode(),
         base64.b64encode(b"%!PS-Adobe-3.0 EPSF-3.0\n").decode(), "data:image/png;base64,!!!",
+        "data:image/png;base64,\ud800" + TINY_PNG, "http://127.0.0.1:9/a\x00.png",
+        TINY_PNG[:40] + "\x00" + TINY_PNG[40:],
     ]) | JSON_VALUES
 
 
@@ -564,13 +586,14 @@ JUNK_INPUTS = JSON_VALUES.filter(lambda v: not isinstance(v, dict) or not v or a
 # Tiny valid values per mode: required/expensive fields are always sent (their defaults are large),
 # the others sometimes.
 TINY = {
-    "video": ({"mode": st.just("video"), "image_url": st.just(TINY_PNG), "prompt": st.text(min_size=1, max_size=20)
-               .filter(str.strip), "num_frames": st.just(5), "height": st.sampled_from([64, 80]),
-               "width": st.sampled_from([64, 80]), "num_inference_steps": st.integers(1, 2)},
-              {"negative_prompt": st.text(max_size=20), "fps": st.integers(1, 60), "guidance_scale": st.floats(1, 20),
-               "flow_shift": st.floats(0.5, 20), "seed": st.integers(0, 2**32 - 1),
+    "video": ({"mode": st.just("video"), "image_url": st.just(TINY_PNG),
+               "prompt": (st.text(min_size=1, max_size=20) | ODD_TEXT).filter(str.strip), "num_frames": st.just(5),
+               "height": st.sampled_from([64, 80]), "width": st.sampled_from([64, 80]),
+               "num_inference_steps": st.integers(1, 2)},
+              {"negative_prompt": st.text(max_size=20) | ODD_TEXT, "fps": st.integers(1, 60),
+               "guidance_scale": st.floats(1, 20), "flow_shift": st.floats(0.5, 20), "seed": st.integers(0, 2**32 - 1),
                "output": st.sampled_from(["auto", "base64"])}),
-    "image": ({"prompt": st.text(min_size=1, max_size=20), "height": st.just(128), "width": st.just(128),
+    "image": ({"prompt": st.text(min_size=1, max_size=20) | ODD_TEXT, "height": st.just(128), "width": st.just(128),
                "num_inference_steps": st.just(2), "refiner_inference_steps": st.just(2),
                "high_noise_frac": st.just(0.5), "num_images": st.just(1), "strength": st.floats(0.5, 1)},
               {"mode": st.just("image"), "image_url": st.just(TINY_PNG),
@@ -624,6 +647,46 @@ def test_handler_answers_every_input_with_a_result_or_one_error_string(run_job, 
     else:
         assert result["images"] and all(uri.startswith("data:image/png;base64,") for uri in result["images"])
         assert result["image_url"] == result["images"][0]
+
+
+# Every string field of both modes, the LoRA entries' included.
+STRING_FIELDS = [(mode, name) for mode, fields in INPUT_SCHEMA.items() for name, p in fields.items()
+                 if p.type is str] + [(mode, f"loras[0].{key}") for mode, fields in INPUT_SCHEMA.items()
+                                      for key, sub in fields["loras"].items.items() if sub.type is str]
+TINY_IMAGE = {"prompt": "a cat", "height": 128, "width": 128, "num_inference_steps": 2, "refiner_inference_steps": 2}
+
+
+def _with_field(mode: str, field: str, value: str) -> dict:
+    """A tiny valid request of `mode` whose `field` ('loras[0].path' names a LoRA entry's key) is `value`."""
+    job = dict(VIDEO if mode == "video" else TINY_IMAGE)
+    if field.startswith("loras[0]."):
+        key = field.split(".")[1]
+        job["loras"] = [{"path": "me/style", key: value}]
+    else:
+        job[field] = value
+    return job
+
+
+@pytest.mark.parametrize(("mode", "field"), STRING_FIELDS, ids=[f"{m}-{f}" for m, f in STRING_FIELDS])
+def test_a_lone_surrogate_in_any_string_field_is_refused_by_name(run_job, mode, field):
+    result = run_job(_with_field(mode, field, "a \ud800 b"))
+    assert result == {"error": f"Field '{field}' must be valid Unicode text, got 'a \\ud800 b', which holds a lone "
+                               f"UTF-16 surrogate ('\\ud800') at character 3; send whole characters (a complete "
+                               f"surrogate pair, or the text as UTF-8)."}
+
+
+@pytest.mark.parametrize(("mode", "field"), STRING_FIELDS, ids=[f"{m}-{f}" for m, f in STRING_FIELDS])
+def test_a_nul_in_any_string_field_is_refused_where_it_would_make_a_path_and_harmless_elsewhere(
+        run_job, one_torch_thread, mode, field):
+    result = run_job(_with_field(mode, field, "a\x00b"))
+    if field.startswith("loras[0]."):
+        assert result == {"error": f"Field '{field}' must not hold a NUL character, got 'a\\x00b' (NUL at character "
+                                   f"2); no file path can hold one."}
+    elif field in ("prompt", "negative_prompt"):  # free text: the tokenizers read a NUL like any character
+        assert "error" not in result, result
+    else:
+        assert set(result) == {"error"} and "internal error" not in result["error"], result
+        _one_sentence(result["error"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -725,7 +788,7 @@ def test_redirects_are_checked_at_every_hop(monkeypatch, web):
 
 
 @pytest.mark.parametrize(("data", "expected"), [
-    (b"", "Field 'image_url' holds no data; send a PNG, JPEG or WebP image."),
+    (b"", f"Field 'image_url' holds no data; send a {FORMATS}."),
     (png_header_only(10_000, 10_000),
      "Field 'image_url' is a 10000x10000 image (100,000,000 pixels); at most 40,000,000 pixels are accepted "
      "(MAX_INPUT_IMAGE_PIXELS)."),

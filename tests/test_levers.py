@@ -169,7 +169,8 @@ def test_wan_compile_serves_every_shape_compiled_after_one_warm_up(tiny_models, 
     (dynamo's fail_on_recompile stance would raise) and give the eager model's frames."""
     import torch._dynamo.utils as dynamo_utils
 
-    from schemas import size_video_job, validate_input
+    from jobs import size_video_job
+    from schemas import validate_input
     from video_utils import cover
 
     image = png_image(64, 48, seed=6)

@@ -22,10 +22,12 @@ from conftest import decode_data_uri, png_b64, png_image
 from safetensors.torch import save_file
 
 import loras
+from errors import InputError
 from handler import Worker
+from lora_source import parse_source
 from model_handler import ModelHandler
 from plan import decide
-from schemas import InputError, parse_source, validate_input
+from schemas import validate_input
 from settings import Settings, SettingsError, load_settings
 
 RANK = 4
@@ -268,6 +270,10 @@ def test_loras_field_is_validated_entry_by_entry():
          "Field 'loras[1].scale' must be a number from -4 to 4, got string '1'."),
         ([{"path": "a/b"}] * 5, "Field 'loras' holds 5 entries; at most 4 are allowed."),
         (["a/b"], "Field 'loras[0]' must be an object with path, scale, weight_name, got string 'a/b'."),
+        ([None], "Field 'loras[0]' must be an object with path, scale, weight_name, got null."),
+        ([{"path": " "}], "Field 'loras[0].path' must be an http(s) URL, a Hugging Face repo id ('owner/name', "
+                          "optionally followed by '/file.safetensors') or an absolute path of a .safetensors file, "
+                          "got ' '."),
         ([{"scale": 1}], "Field 'loras[0].path' is required and must be a string of at most 2,048 characters."),
         ([{"path": "a/b", "strength": 1}],
          "Field 'loras[0]' has the unknown key 'strength'; allowed keys are: path, scale, weight_name."),
@@ -642,6 +648,40 @@ def test_lora_downloads_are_refused_when_broken_too_large_or_private(run_job, mo
     assert re.search(r"resolves to the non-public address \S+; only public http\(s\) addresses are allowed \(a file "
                      r"on the network volume can be given as a local path\)\.$", result["error"]), result
     assert not list(Path(lora_env["LORA_CACHE_DIR"]).glob("*.part"))  # nothing half-written is left
+
+
+@pytest.mark.parametrize("fault", ["read-only", "under-a-file", "full"])
+def test_a_lora_cache_that_cannot_take_the_file_names_lora_cache_dir_and_the_next_job_succeeds(
+        run_job, models, lora_env, lora_dir, httpserver, monkeypatch, tmpfs, tmp_path, fault):
+    monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "true")
+    data = (lora_dir / "wan-musubi.safetensors").read_bytes()  # ~20 KB
+    httpserver.expect_request(f"/loras/{fault}").respond_with_data(data, content_type="application/octet-stream")
+    url = httpserver.url_for(f"/loras/{fault}")
+    if fault == "under-a-file":
+        (tmp_path / "a-file").write_bytes(b"")
+        cache = tmp_path / "a-file" / "cache"
+        why = (f"LORA_CACHE_DIR='{cache}' is not a folder ({tmp_path}/a-file is a file); set LORA_CACHE_DIR to a "
+               f"folder.")
+    elif fault == "read-only":
+        cache = tmpfs(read_only=True)
+        why = (f"LORA_CACHE_DIR='{cache}' is not writable (Read-only file system); set LORA_CACHE_DIR to a folder "
+               f"this worker can write.")
+    else:
+        cache = tmpfs("8k")
+        why = (rf"the disk holding LORA_CACHE_DIR='{cache}' is full \([\d.]+ MB free\); free space there or set "
+               rf"LORA_CACHE_DIR to a folder on a larger disk\.")
+    use(models, {**lora_env, "LORA_CACHE_DIR": str(cache)})
+    job = {**VIDEO, "image_url": "data:image/png;base64," + _png64(), "loras": [{"path": url}]}
+    result = run_job(job)
+    assert list(result) == ["error"], result
+    start = f"Field 'loras[0].path' names the LoRA '{url}', which cannot be downloaded into the LoRA cache: "
+    if fault == "full":
+        assert re.fullmatch(re.escape(start) + why, result["error"]), result
+        assert os.listdir(cache) == []  # no partial file left
+    else:
+        assert result["error"] == start + why
+    use(models, lora_env)
+    assert "video" in run_job(job)  # the same job, with a cache that works
 
 
 def test_the_disk_cache_evicts_least_recently_used_files(tmp_path):

@@ -22,9 +22,10 @@ from PIL import Image
 
 import parallel
 from errors import JobCancelled, ParallelError
+from lora_source import LoraSpec
 from model_handler import ModelHandler
 from plan import Device, decide
-from schemas import LoraSpec, validate_input
+from schemas import validate_input
 
 IMAGE = "data:image/png;base64," + png_b64(96, 80)
 # 80x80, 9 frames: 3 x 5 x 5 = 75 tokens, which do not split evenly over 2 ranks; 64x64, 5 frames: 32.

@@ -6,6 +6,7 @@ URLs are downloaded with plain `requests.get`, as a user's client would.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -17,15 +18,16 @@ import time
 from urllib.parse import parse_qs, urlparse
 
 import boto3
+import numpy as np
 import pytest
 import requests
 from conftest import ROOT, decode_data_uri, free_port, png_b64
 from media import probe_mp4
 from moto.server import ThreadedMotoServer
+from PIL import Image
 
 import handler
 import storage
-import video_utils
 from settings import Bucket, SettingsError, load_settings
 
 BUCKET = "results"
@@ -177,23 +179,88 @@ def test_s3_requested_without_a_bucket_is_a_clear_error(run_job):
                                "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY); ask for 'auto' or 'base64'."}
 
 
-def test_an_inline_result_over_the_limit_is_an_error_naming_the_size_and_the_fix(s3, use_bucket, run_job,
-                                                                                 monkeypatch):
-    """RunPod drops a payload over its limit; the worker says so instead of returning it to be lost."""
-    monkeypatch.setattr(storage, "MAX_INLINE_CHARS", 1000)
-    inline_limit = (r"The result is [\d,]+ characters as base64, over the 1,000 that RunPod carries inline for /run "
-                    r"\(20 MB for /runsync\); configure a bucket \(BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, "
-                    r"BUCKET_SECRET_ACCESS_KEY\) to receive it as a URL, or ask for a smaller output\.")
-    result = run_job({**IMAGE, "num_images": 1})  # no bucket configured
-    assert list(result) == ["error"] and re.fullmatch(inline_limit, result["error"]), result
-    use_bucket(bucket_env(s3.endpoint))
-    result = run_job({**VIDEO, "image_url": png_b64(), "output": "base64"}, job_id="vid-b64-too-big")
-    with_bucket = inline_limit.replace(r"configure a bucket \(BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, "
-                                       r"BUCKET_SECRET_ACCESS_KEY\) to receive it as a URL",
-                                       "ask for output 'auto' to receive it as a URL from the configured bucket")
-    assert with_bucket != inline_limit
-    assert list(result) == ["error"] and re.fullmatch(with_bucket, result["error"]), result
+def limit_words(chars: int) -> str:
+    """The words naming the inline limit, as a regex."""
+    return (rf"the {chars:,}-character inline limit \(MAX_INLINE_MB={chars / 1e6:g}; RunPod carries 10 MB on /run and "
+            rf"20 MB on /runsync\)")
+
+
+NO_BUCKET = (r"configure a bucket \(BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY\) to receive "
+             r"it as a URL")
+WITH_BUCKET = "ask for output 'auto' to receive it as a URL from the configured bucket"
+
+
+def test_a_video_over_the_inline_limit_comes_back_re_encoded_smaller_with_a_warning(s3, use_bucket, run_job):
+    """RunPod drops a payload over its limit: a finished video is re-encoded to fit rather than lost."""
+    job = {**VIDEO, "num_frames": 9, "image_url": png_b64()}
+    full = run_job(job)  # the default limit (10 MB): the CRF 18 video as it is
+    assert "warnings" not in full and len(full["video"]) > 10_000, len(full["video"])
+    use_bucket({"MAX_INLINE_MB": "0.008"})  # no bucket: inline
+    result = run_job(job)
+    assert len(result["video"]) <= 8_000
+    video = probe_mp4(decode_data_uri(result["video"], "video/mp4"))
+    assert (video["frames"], video["fps"], video["width"], video["height"]) == (9, 8, 64, 64)
+    assert video["codec"].startswith("h264") and video["pix_fmt"].startswith("yuv420p")
+    assert video["boxes"].index("moov") < video["boxes"].index("mdat")  # still plays while downloading
+    assert (result["num_frames"], result["fps"]) == (9, 8)
+    assert len(result["warnings"]) == 1 and re.fullmatch(
+        rf"The result took {len(full['video']):,} characters as base64, over {limit_words(8_000)}, so the video was "
+        rf"re-encoded at \d+ kbit/s \({len(result['video']):,} characters\); {NO_BUCKET}, at full quality\.",
+        result["warnings"][0]), result["warnings"]
+    # With a bucket, output 'base64' is held to the same limit; the fix is then to ask for a URL.
+    use_bucket(bucket_env(s3.endpoint, MAX_INLINE_MB="0.008"))
+    result = run_job({**job, "output": "base64"}, job_id="vid-b64-too-big")
+    assert len(result["video"]) <= 8_000 and result["warnings"][0].endswith(f"; {WITH_BUCKET}, at full quality.")
     assert not [k for k in s3.keys() if k.startswith("vid-b64-too-big/")]  # base64 asked for: nothing uploaded
+
+
+def test_images_over_the_inline_limit_come_back_as_jpeg_with_a_warning(use_bucket, run_job):
+    png = run_job({**IMAGE, "num_images": 2})
+    use_bucket({"MAX_INLINE_MB": "0.03"})
+    result = run_job({**IMAGE, "num_images": 2})
+    assert sum(len(uri) for uri in result["images"]) <= 30_000 and result["image_url"] == result["images"][0]
+    pictures = [Image.open(io.BytesIO(decode_data_uri(uri, "image/jpeg"))) for uri in result["images"]]
+    assert [(p.format, p.size) for p in pictures] == [("JPEG", (128, 128))] * 2
+    # The same pictures: the JPEGs differ from the PNGs by compression noise only.
+    for picture, uri in zip(pictures, png["images"], strict=True):
+        original = np.asarray(Image.open(io.BytesIO(decode_data_uri(uri, "image/png"))), dtype=np.int16)
+        assert np.abs(np.asarray(picture.convert("RGB"), dtype=np.int16) - original).mean() < 20
+    size = sum(len(uri) for uri in png["images"])
+    assert len(result["warnings"]) == 1 and re.fullmatch(
+        rf"The result took {size:,} characters as base64, over {limit_words(30_000)}, so the 2 images are returned as "
+        rf"JPEG at quality (90|75) \([\d,]+ characters\); {NO_BUCKET}, at full quality\.", result["warnings"][0])
+
+
+def test_a_result_that_cannot_be_made_to_fit_inline_is_an_error_naming_the_limit(use_bucket, run_job):
+    use_bucket({"MAX_INLINE_MB": "0.01"})  # two 128x128 images still take ~15,000 characters as JPEG
+    result = run_job({**IMAGE, "num_images": 2})
+    assert list(result) == ["error"], result
+    assert re.fullmatch(rf"The result took [\d,]+ characters as base64, over {limit_words(10_000)}, and as JPEG at "
+                        rf"quality 75 it still took [\d,]+; {NO_BUCKET}, or ask for fewer or smaller images\.",
+                        result["error"]), result["error"]
+    assert "video" in run_job({**VIDEO, "image_url": png_b64()})  # the next job succeeds
+
+
+def test_a_result_too_large_for_the_inline_limit_at_any_quality_is_refused_before_generating(use_bucket, run_job,
+                                                                                             tiny_models):
+    use_bucket({"MAX_INLINE_MB": "0.002"})
+    calls = []
+    wan, _ = tiny_models.model("video")
+    hook = wan.pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        result = run_job({**VIDEO, "num_frames": 9, "image_url": png_b64()})
+    finally:
+        hook.remove()
+    assert result == {"error": "Fields num_frames=9, height=64, width=64 make a video too large for the 2,000-"
+                               "character inline limit (MAX_INLINE_MB=0.002; RunPod carries 10 MB on /run and 20 MB on "
+                               "/runsync): it leaves 0.026 bits per pixel of each frame where H.264 needs at least "
+                               "0.05; configure a bucket (BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, "
+                               "BUCKET_SECRET_ACCESS_KEY) to receive it as a URL, or ask for fewer frames or a smaller "
+                               "size."}
+    assert calls == []
+    result = run_job({**IMAGE, "num_images": 4, "height": 256, "width": 256})
+    assert result["error"].startswith("Fields num_images x height x width ask for 262,144 pixels, too many for the "
+                                      "2,000-character inline limit"), result
 
 
 def test_video_job_through_the_local_api_server_lands_in_the_bucket(s3, start_api):
@@ -342,16 +409,40 @@ def test_failed_upload_returns_the_video_inline_with_a_warning(cause, s3, use_bu
     assert ACCESS_KEY not in json.dumps(result) and ACCESS_KEY not in "\n".join(worker_log)
 
 
-def test_failed_upload_too_large_to_inline_is_an_error_naming_the_cause(s3, use_bucket, run_job, monkeypatch):
-    monkeypatch.setattr(storage, "MAX_INLINE_CHARS", 1000)
-    use_bucket(bucket_env(s3.endpoint, BUCKET_NAME="no-such-bucket"))
+def test_failed_upload_too_large_to_inline_comes_back_smaller_or_is_an_error_naming_the_cause(s3, use_bucket,
+                                                                                            run_job):
+    failed = (r"Upload to bucket 'no-such-bucket' failed after 2 attempts \(NoSuchBucket: The specified bucket does "
+              r"not exist\)")
+    use_bucket(bucket_env(s3.endpoint, BUCKET_NAME="no-such-bucket", MAX_INLINE_MB="0.03"))
+    result = run_job({**IMAGE, "num_images": 2})
+    assert [uri[:23] for uri in result["images"]] == ["data:image/jpeg;base64,"] * 2
+    assert len(result["warnings"]) == 2 and re.fullmatch(
+        failed + "; the result is returned inline as base64 instead.", result["warnings"][0]), result["warnings"]
+    assert result["warnings"][1].endswith("; fix the bucket settings to receive it as a URL, at full quality.")
+    use_bucket(bucket_env(s3.endpoint, BUCKET_NAME="no-such-bucket", MAX_INLINE_MB="0.001"))
     result = run_job({**IMAGE, "num_images": 1})
     assert list(result) == ["error"], result
-    assert re.fullmatch(r"Upload to bucket 'no-such-bucket' failed after 2 attempts \(NoSuchBucket: The specified "
-                        r"bucket does not exist\) and the result \([\d,]+ characters as base64\) exceeds the "
-                        r"1,000-character inline limit; fix the bucket settings or ask for a smaller output\.",
-                        result["error"]), result["error"]
+    assert re.fullmatch(failed + rf", and the result took [\d,]+ characters as base64, over {limit_words(1_000)}, "
+                        r"and as JPEG at quality 75 it still took [\d,]+; fix the bucket settings to receive it as a "
+                        r"URL, or ask for fewer or smaller images\.", result["error"]), result["error"]
     assert SECRET not in result["error"] and ACCESS_KEY not in result["error"]
+
+
+def test_the_worker_log_keeps_base64_out_even_from_an_exception_that_quotes_a_payload(caplog):
+    """What the worker adds to a failed job's log on RunPod is the traceback of an internal error (runpod logs
+    no job body at its INFO level); an exception's text may quote the request, and PayloadFilter cuts it."""
+    payload = png_b64(256, 256)  # ~260 KB as base64
+    logger = logging.getLogger("worker.payload-test")
+    logger.addFilter(storage.PayloadFilter())
+    caplog.set_level(logging.INFO, logger="worker.payload-test")
+    try:
+        raise ValueError(f"cannot read data:image/png;base64,{payload}")
+    except ValueError:
+        logger.exception("job %s failed on %s", "job-1", payload)
+    text = caplog.text
+    assert not re.search(r"[A-Za-z0-9+/]{1000}", text), text[:300]
+    cut = f"{payload[:40]}...({len(payload):,} base64 characters)"
+    assert f"job job-1 failed on {cut}" in text and f"ValueError: cannot read data:image/png;base64,{cut}" in text
 
 
 def test_upload_retries_with_growing_backoff(caplog):
@@ -377,19 +468,7 @@ def test_jobs_leave_no_temporary_files(s3, use_bucket, run_job, monkeypatch, tmp
     job = {**VIDEO, "image_url": png_b64()}
     assert "video" in run_job(job)  # uploaded
 
-    monkeypatch.setattr(storage, "MAX_INLINE_CHARS", 1000)
-    use_bucket(bucket_env(s3.endpoint, BUCKET_NAME="no-such-bucket"))
-    assert run_job(job)["error"].startswith("Upload to bucket 'no-such-bucket' failed")  # upload failed
-
-    real = video_utils.imageio_ffmpeg.write_frames
-
-    def crash_midway(path, *args, **kwargs):
-        writer = real(path, *args, **kwargs)
-        writer.send(None)
-        assert os.listdir(tmp), "the encoder should be writing under TMPDIR"
-        writer.close()
-        raise OSError("disk full")
-
-    monkeypatch.setattr(video_utils.imageio_ffmpeg, "write_frames", crash_midway)
-    assert "OSError: the MP4 encoder (ffmpeg) failed: disk full" in run_job(job)["error"]  # a partial file on disk
+    use_bucket(bucket_env(s3.endpoint, BUCKET_NAME="no-such-bucket", MAX_INLINE_MB="0.001"))
+    assert run_job(job)["error"].startswith("Upload to bucket 'no-such-bucket' failed")  # upload failed, re-encoded
+    # A disk that fills mid-encode leaves nothing either: test_folders.
     assert os.listdir(tmp) == []

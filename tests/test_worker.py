@@ -17,9 +17,10 @@ from conftest import decode_data_uri, png_b64, png_image
 from media import probe_mp4
 from PIL import Image
 
+from jobs import fit_area
 from model_handler import ModelHandler
 from plan import plan_placement
-from schemas import SCHEDULERS, WAN_NEGATIVE_PROMPT, fit_area, validate_input
+from schemas import SCHEDULERS, WAN_NEGATIVE_PROMPT, validate_input
 
 VIDEO = {"mode": "video", "prompt": "a cat walks", "height": 64, "width": 96, "num_frames": 9,
          "num_inference_steps": 2, "fps": 12, "seed": 7}
@@ -247,8 +248,8 @@ def test_a_job_whose_mp4_encoder_dies_says_so_and_the_next_job_succeeds(run_job,
             os.kill(pid, signal.SIGKILL)
 
     failed = _job_failing_at_the_second_decoded_part(run_job, tiny_models.model("video")[0], kill_ffmpeg)
-    assert failed == {"error": "The job failed with an internal error (OSError: the MP4 encoder (ffmpeg) failed: "
-                               "[Errno 32] Broken pipe); the worker is ready for the next job."}
+    assert failed == {"error": "The job failed with an internal error (OSError: the MP4 encoder (ffmpeg) was stopped "
+                               "by SIGKILL); the worker is ready for the next job."}
     video = probe_mp4(decode_data_uri(run_job({**VIDEO, "image_url": png_b64()})["video"], "video/mp4"))
     assert video["frames"] == 9
 
