@@ -118,7 +118,7 @@ class Stopwatch:
         """'imports 2.0 s, weights 30.1 s (45.2 GB at 1.50 GB/s), ...' for the load's log line."""
         parts = []
         for phase, seconds in self.seconds.items():
-            rate = (f" ({weight_bytes / 1e9:.1f} GB at {weight_bytes / 1e9 / seconds:.2f} GB/s)"
+            rate = (f" ({weight_bytes / 1e9:.2f} GB at {weight_bytes / 1e9 / seconds:.2f} GB/s)"
                     if phase == "weights" and weight_bytes and seconds > 0 else "")
             parts.append(f"{phase} {seconds:.1f} s{rate}")
         return ", ".join(parts)
