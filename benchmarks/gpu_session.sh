@@ -18,6 +18,9 @@
 #   cold         cold_start.py: 2 shapes x default, speed-empty, speed-cached, plain
 #   cold-cached  cold_start.py at 480x832x81: default, speed-cached (the cache `goals` left), plain
 #   cold16       cold_start.py, 3 steps, 2 shapes x default, speed-empty, speed-cached (the cold-start table)
+#   cold-goals   cold_start.py at 480x832x81: default, speed-empty, speed-cached, plain (issue 22's three goals)
+#   fp8-compile  fp8_compile.py: one full-size Wan block compiled cold and cached, torchao float8 against the
+#                worker's float8 layers (scaled_mm), with and without torch's precompile
 #   report       goals.json from goals (+ goals-sdxl) + cold (or cold-cached), into RES/
 set -u
 SELF=$(realpath "$0")
@@ -47,6 +50,10 @@ run_step() {
     cold) cmd=(benchmarks/cold_start.py --models "$MODELS" --cache-dir "$CACHE") ;;
     cold-cached) cmd=(benchmarks/cold_start.py --models "$MODELS" --cache-dir "$CACHE" --shapes 832x480x81
                       --configs default,speed-cached,plain) ;;
+    cold-goals) cmd=(benchmarks/cold_start.py --models "$MODELS" --cache-dir "$CACHE" --shapes 832x480x81
+                     --configs default,speed-empty,speed-cached,plain) ;;
+    fp8-compile) cmd=(benchmarks/fp8_compile.py --out "$out/fp8-compile.json"
+                      --lanes "torchao,scaled_mm,scaled_mm+precompile") ;;
     cold16) cmd=(benchmarks/cold_start.py --models "$MODELS" --cache-dir "$CACHE" --steps 3
                  --shapes 832x480x81,1024x768x33 --configs default,speed-empty,speed-cached) ;;
     report)
@@ -60,7 +67,7 @@ run_step() {
       done ;;
     *) echo "unknown step $name" >> "$RES/progress.log"; return ;;
   esac
-  [[ $name == build || $name == attention || $name == vae* || $name == encode ]] || cmd+=(--out "$([[ $name == report ]] && echo "$RES" || echo "$out")")
+  [[ $name == build || $name == attention || $name == vae* || $name == encode || $name == fp8-compile ]] || cmd+=(--out "$([[ $name == report ]] && echo "$RES" || echo "$out")")
   echo "[$(date -u +%T)] start $name: ${cmd[*]}" >> "$RES/progress.log"
   python3 "${cmd[@]}" > "$out/log.txt" 2>&1
   local rc=$?
@@ -88,7 +95,7 @@ case ${1:-} in
     shift
     for step in "$@"; do
       # The other steps import video_utils: wait (10 min at most) for imageio-ffmpeg, which a poll brings.
-      if [[ $step != build && $step != attention ]]; then
+      if [[ $step != build && $step != attention && $step != fp8-compile ]]; then
         for _ in $(seq 120); do [[ -e /tmp/site/.whl-ffmpeg.done ]] && break; sleep 5; done
       fi
       run_step "$step"
