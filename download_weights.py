@@ -2,7 +2,7 @@
 
 Real weights (needs the Hugging Face hub):
     python download_weights.py                      # SDXL base + refiner + fp16-fix VAE, Wan2.1 I2V
-    python download_weights.py --only wan --dir /runpod-volume/models
+    python download_weights.py --only wan --dir /runpod-volume/models [--fp8]
 Random-weight stand-ins of the same classes (offline), tiny for the demo and the tests, or full size
 (the real architectures, ~61 GB; built on the GPU when there is one) for benchmarks/:
     python download_weights.py --tiny models/tiny
@@ -14,6 +14,8 @@ them through SDXL_MODEL_ID / SDXL_REFINER_ID / SDXL_VAE_ID / WAN_MODEL_ID (hub i
 or MODEL_DIR. With --dir, Wan's transformer and text encoder, which the hub stores in float32
 (90.1 GB in all), are re-saved in bf16, the dtype the worker runs them in (47 GB): every cold
 start then reads half the bytes. `--compact DIR/wan-i2v` does that for a folder fetched earlier.
+`--fp8` also stores the float8 transformer WAN_FP8 runs (DIR/wan-i2v/transformer-fp8, half the bf16
+one's bytes), which a WAN_FP8 worker reads instead of quantizing at start.
 The random models mirror the real repositories' layout (model_index.json, one subfolder per
 component, fp16 variant files for SDXL) so the worker's real loading code runs on them.
 """
@@ -82,6 +84,27 @@ def compact_wan(folder: Path) -> list[str]:
         changed.append(sub)
         print(f"{folder.name}/{sub}: re-saved in bf16 in {time.perf_counter() - start:.0f}s", flush=True)
     return changed
+
+
+def store_fp8(folder: Path) -> None:
+    """WAN_FP8's transformer beside the bf16 one (folder/transformer-fp8, about half its bytes): a float8 worker
+    reads it straight onto the GPU instead of reading the bf16 one and quantizing it at every start. LoRA fusing
+    still reads the bf16 weights, so both stay."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from models import float8
+
+    start = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    transformer = WanTransformer3DModel.from_pretrained(str(folder / "transformer"), dtype=torch.bfloat16).to(device)
+    float8.quantize(transformer)
+    tmp, target = folder / (float8.FOLDER + ".tmp"), folder / float8.FOLDER
+    shutil.rmtree(tmp, ignore_errors=True)
+    float8.save(transformer, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # whole or absent: the worker never reads a half-written one
+    print(f"{folder.name}/{float8.FOLDER}: written in {time.perf_counter() - start:.0f}s", flush=True)
 
 
 def is_compact_wan(folder: Path) -> bool:
@@ -372,18 +395,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, help="download into DIR/<model> instead of the HF cache")
     parser.add_argument("--compact", metavar="WAN_DIR", type=Path,
                         help="re-save a downloaded Wan folder's float32 transformer and text encoder in bf16")
+    parser.add_argument("--fp8", action="store_true",
+                        help="also store WAN_FP8's float8 transformer beside the bf16 one (Wan folders this writes)")
     args = parser.parse_args(argv)
     if args.tiny or args.random_full:
-        build_random(args.tiny or args.random_full, "tiny" if args.tiny else "full",
-                     {args.only} if args.only else None)
+        out = args.tiny or args.random_full
+        build_random(out, "tiny" if args.tiny else "full", {args.only} if args.only else None)
+        if args.fp8 and args.only != "sdxl":
+            store_fp8(out / "wan-i2v")
         return 0
     if args.compact:
         if not (args.compact / "model_index.json").exists():
             parser.error(f"--compact {str(args.compact)!r} is not a Wan model folder (no model_index.json)")
         print(json.dumps({"compacted": compact_wan(args.compact)}))
+        if args.fp8:
+            store_fp8(args.compact)
         return 0
     names = GROUPS[args.only] if args.only else [n for group in GROUPS.values() for n in group]
     paths = download_real(names, args.dir)
+    if args.fp8 and "wan-i2v" in paths:
+        store_fp8(Path(paths["wan-i2v"]))
     if args.dir:
         print("set: " + " ".join(f"{REAL_MODELS[n]['env']}={p}" for n, p in paths.items()))
     return 0

@@ -36,7 +36,7 @@ run_step() {
   local name=$1 out="$RES/$1" cmd
   mkdir -p "$out"
   case $name in
-    build) cmd=(download_weights.py --random-full "$MODELS" ${ONLY:+--only "$ONLY"}) ;;
+    build) cmd=(download_weights.py --random-full "$MODELS" ${ONLY:+--only "$ONLY"} --fp8) ;;
     attention) cmd=(benchmarks/attention.py --out "$out/attention.json") ;;
     vae) cmd=(benchmarks/vae.py --out "$out/vae.json") ;;
     vae-float32) cmd=(benchmarks/vae.py --dtype float32 --out "$out/vae-float32.json") ;;

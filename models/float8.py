@@ -75,6 +75,43 @@ def quantize(transformer: torch.nn.Module) -> None:
                 setattr(module, child, Float8Linear.of(layer))
 
 
+FOLDER = "transformer-fp8"  # beside "transformer" in a Wan folder: the float8 transformer `save` writes
+
+
+def save(transformer: torch.nn.Module, folder: Path) -> None:
+    """A transformer with float8 layers as it is on the GPU: float8 weights with their scales, the rest in the
+    dtypes it was loaded in, and its config; `load` reads it back without a bf16 copy or quantizing."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    transformer.save_config(folder)
+    tensors = {name: tensor.contiguous() for name, tensor in transformer.state_dict().items()}
+    save_file(tensors, folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+
+
+def load(folder: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The transformer `save` wrote, its tensors read straight onto `device`: about half the bytes of the bf16
+    one, and no quantizing at start."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    # Parameters on no device until the file's tensors take their place; buffers (the rotary tables) real.
+    with init_empty_weights(include_buffers=False):
+        transformer = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder))
+    quantize(transformer)
+    transformer.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors", device=str(device)),
+                                strict=True, assign=True)
+    for layer in transformer.modules():
+        if isinstance(layer, Float8Linear):
+            layer.compute_dtype = dtype
+    if dtype == torch.float32:  # on CPU everything but the float8 weights runs in float32, as from_pretrained gives it
+        for tensor in transformer.parameters():
+            if tensor.dtype != FLOAT8:
+                tensor.data = tensor.data.float()
+    return transformer.to(device)
+
+
 def requantizer(model_folder: str) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
     """For fusing a LoRA under WAN_FP8: the transformer's weight `name` plus `delta`, quantized as WAN_FP8 does,
     as the float8 layer's tensors ("weight", "weight_scale").

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -67,6 +68,7 @@ class WanModel(Model):
         self.compiled = settings.wan_compile
         self.fp8, self.fp8_attention = settings.wan_fp8, settings.wan_fp8_attention
         self.folder: str | None = None  # where load() found the weights
+        self._read: tuple[str, ...] = COMPONENTS  # the subfolders load() read
 
     def load(self) -> float:
         """Load the pipeline and apply the speed switches; returns seconds spent (0.0 when already loaded)."""
@@ -90,7 +92,7 @@ class WanModel(Model):
         self.pipe = pipe
         seconds = time.perf_counter() - start
         log.info("Wan2.1 I2V loaded on %s in %.1f s: %s (profile %s, fp8 %s, fp8 attention %s, compile %s, VAE %s)",
-                 self.device, seconds, phases.summary(stored_bytes(self.folder, COMPONENTS)),
+                 self.device, seconds, phases.summary(stored_bytes(self.folder, self._read)),
                  self.placement.wan_profile, self.fp8, self.fp8_attention, self.compiled, self.settings.wan_vae_dtype)
         return seconds
 
@@ -101,15 +103,21 @@ class WanModel(Model):
 
         model_id = self.folder = weights.local_folder("wan-i2v", self.settings.wan_model_id,
                                                       self.settings.weights_download)
+        # A float8 transformer stored beside the bf16 one (download_weights.py --fp8) is half the bytes to read.
+        stored_fp8 = self.fp8 and (Path(model_id) / float8.FOLDER).is_dir()
+        self._read = (float8.FOLDER if stored_fp8 else "transformer", *COMPONENTS[1:])
+        # The files come off the disk several at a time while diffusers reads them one after another.
+        weights.read_ahead(model_id, self._read)
         low = self._dtype(torch.bfloat16)
         # Resident weights load straight into GPU memory instead of through a CPU copy; the transformer
         # comes first and is quantized there at once (float8 implies "full"), so float8 loads at disk speed too.
         where = ({"device_map": str(self.device)} if self.device.type == "cuda" and self.placement.wan_profile == "full"
                  else {})
         with phases("weights"):
-            transformer = WanTransformer3DModel.from_pretrained(model_id, subfolder="transformer", dtype=low,
-                                                                local_files_only=True, **where)
-        if self.fp8:
+            transformer = (float8.load(Path(model_id) / float8.FOLDER, self.device, low) if stored_fp8 else
+                           WanTransformer3DModel.from_pretrained(model_id, subfolder="transformer", dtype=low,
+                                                                 local_files_only=True, **where))
+        if self.fp8 and not stored_fp8:
             with phases("quantizing"):
                 float8.quantize(transformer)
         # The model card's recipe: image encoder and VAE in float32 (the VAE in bf16 with WAN_VAE_DTYPE,

@@ -211,3 +211,13 @@ def test_runpods_cached_model_is_found_whatever_its_letter_case(tiny_dir, tmp_pa
         "snapshots" / "0123abcd"
     shutil.copytree(tiny_dir / "wan-i2v", snapshot)
     assert weights.local_folder("wan-i2v", DEFAULT_WAN_MODEL_ID, download=False, volume=tmp_path) == str(snapshot)
+
+
+def test_read_ahead_reads_every_weight_file_of_the_components_it_is_given(tmp_path):
+    """The loader's files, read in the background: every .safetensors file of the named components, nothing else."""
+    for sub, sizes in (("transformer", (3_000_000, 5_000_000)), ("vae", (70_000,)), ("unused", (1_000,))):
+        (tmp_path / sub).mkdir()
+        for i, size in enumerate(sizes):
+            (tmp_path / sub / f"part-{i}.safetensors").write_bytes(os.urandom(size))
+        (tmp_path / sub / "config.json").write_text("{}")
+    assert weights.read_ahead(str(tmp_path), ("transformer", "vae", "missing")).result(timeout=30) == 8_070_000
