@@ -63,8 +63,7 @@ ENV HF_HOME=/runpod-volume/huggingface-cache \
 # download_weights.py for BAKE_WEIGHTS (tests/test_deploy.py fails when a module is missing here).
 # .dockerignore keeps tests, benchmarks, the tiny test models and local caches out of the build context.
 WORKDIR /app
-COPY handler.py jobs.py plan.py errors.py logs.py model_handler.py schemas.py settings.py storage.py video_utils.py \
-     fetch.py loras.py parallel.py weights.py download_weights.py test_input.json ./
+COPY *.py test_input.json ./
 COPY models/ ./models/
 
 # Optional: bake weights into the image ("sdxl", "wan" or "all"); the worker finds them in
