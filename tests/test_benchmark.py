@@ -17,7 +17,7 @@ import bench  # noqa: E402
 import cold_start  # noqa: E402
 
 FIGURES = {"quality_e2e_s", "quality_s_per_step", "fast_e2e_s", "sdxl_default_job_s", "cold_start_default_s",
-           "cold_start_cached_s"}
+           "cold_start_cached_s", "cold_start_empty_s"}
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,10 @@ def test_cold_start_times_a_fresh_worker_and_fills_goals(tiny_run) -> None:
     assert worker["rc"] == 0 and 0 < worker["start_to_result_s"] < worker["exit_s"] + 1
     assert worker["timings"]["inference_s"] > 0 and worker["s_per_step"] > 0
     assert "posix_fadvise" in worker["eviction"]
+    # Where the start went, from the worker's own start-up lines: imports, the weights read, and at what rate.
+    phases = worker["phases"]
+    assert phases["imports_s"] > 0 and phases["wan_imports_s"] > 0 and phases["wan_weights_s"] > 0, phases
+    assert phases["wan_weights_gb"] >= 0 and "wan_weights_gb_per_s" in phases, phases
     assert plain["start_to_result_s"] > 0 and plain["load_s"] > 0
     assert bench.main(["--goals", "--from", str(out / "bench-tiny.json"), "--out", str(out)]) == 0
     figures = json.loads((out / "goals.json").read_text())["figures"]
