@@ -113,3 +113,32 @@ def test_a_stored_float8_transformer_is_read_instead_of_quantizing_and_gives_the
     read = [float(re.search(r"\(([\d.]+) GB at", line)[1]) for line in lines]
     assert read[0] <= read[1], read  # tiny: rounded to 0.01 GB; full size about half (RESULTS.md)
     assert np.array_equal(frames[0], frames[1])
+
+
+def test_a_compile_switch_without_a_compiler_says_so_in_one_line_and_serves(tiny_env, tmp_path):
+    """An image without a C/C++ compiler (triton and inductor build kernels with one): start-up says once that
+    WAN_COMPILE cannot work and why, and the worker serves the job eager instead of failing quietly."""
+    job = {"input": {**VIDEO, "image_url": png_b64(64, 48), "height": 64, "width": 64, "num_frames": 5}}
+    out = run([sys.executable, "handler.py", "--test_input", json.dumps(job)],
+              tiny_env | {"WAN_COMPILE": "1", "CXX": str(tmp_path / "no-such-compiler"),
+                          "LOCAL_OUTPUT_DIR": str(tmp_path)})
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    said = [line for line in log.splitlines() if "WAN_COMPILE is ignored" in line]
+    assert len(said) == 1 and said[0].endswith(f"WAN_COMPILE is ignored on cpu: no compiler to build its kernels "
+                                                f"({tmp_path / 'no-such-compiler'} not found; the image installs "
+                                                f"gcc and g++)"), said
+    assert "compile False" in log and "warm-up" not in log
+    assert probe_mp4((tmp_path / "local_test" / "video.mp4").read_bytes())["frames"] == 5
+
+
+def test_float8_attention_without_its_kernel_is_turned_off_with_one_reason():
+    """On a Hopper GPU whose image lacks fa3-fwd (or a CUDA 12 image, which cannot load it), the plan turns
+    WAN_FP8_ATTENTION off and says why; this machine has no fa3-fwd, which is what the check meets."""
+    from plan import Device, decide
+    from settings import load_settings
+
+    plan = decide(load_settings({"WAN_FP8_ATTENTION": "1"}), Device("cuda", (9, 0), 141.0, 1))
+    assert not plan.settings.wan_fp8_attention
+    assert len(plan.notes) == 1 and plan.notes[0].startswith("WAN_FP8_ATTENTION is ignored on cuda: fa3-fwd does "
+                                                             "not load (No module named 'fa3_fwd_interface')")
