@@ -48,6 +48,7 @@ class Settings:
     sdxl_refiner_id: str = DEFAULT_SDXL_REFINER_ID
     sdxl_vae_id: str = DEFAULT_SDXL_VAE_ID
     wan_model_id: str = DEFAULT_WAN_MODEL_ID
+    model_dir: str = "/models"  # MODEL_DIR: weights baked into the image, one folder per model
     weights_download: bool = True  # fetch missing weights from the hub before loading (weights.py)
     preload: tuple[str, ...] = ()  # models loaded at start-up instead of on their first job
     bucket: Bucket | None = None
@@ -256,6 +257,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         sdxl_refiner_id=_model_location(env, "SDXL_REFINER_ID", "sdxl-refiner", DEFAULT_SDXL_REFINER_ID),
         sdxl_vae_id=_model_location(env, "SDXL_VAE_ID", "sdxl-vae", DEFAULT_SDXL_VAE_ID),
         wan_model_id=_model_location(env, "WAN_MODEL_ID", "wan-i2v", DEFAULT_WAN_MODEL_ID),
+        model_dir=env.get("MODEL_DIR") or Settings.model_dir,
         weights_download=_flag(env, "WEIGHTS_DOWNLOAD", True),
         preload=preload,
         bucket=_bucket(env),

@@ -78,15 +78,16 @@ def with_retries(fn: Callable[[], str], what: str, tries: int = 5, first_wait_s:
     raise AssertionError("unreachable")
 
 
-def local_folder(name: str, location: str, download: bool, volume: Path = VOLUME) -> str:
+def local_folder(name: str, location: str, download: bool, model_dir: str = "/models", volume: Path = VOLUME) -> str:
     """The folder to load model `name` (a REAL_MODELS key) from; fetches it first when it is nowhere here.
 
-    `location` is what settings hold for it: a folder, or a hub id. Raises ModelUnavailable.
+    `location` is what settings hold for it: a folder, or a hub id; `model_dir` is MODEL_DIR (baked weights).
+    Raises ModelUnavailable.
     """
     spec = REAL_MODELS[name]
     if _is_path(location):
         return _model_folder(Path(location).expanduser(), spec)
-    baked = Path(os.environ.get("MODEL_DIR") or "/models") / name
+    baked = Path(model_dir) / name
     # Settings look in MODEL_DIR only when the variable is unset; the default id, named, finds baked weights too.
     if location == spec["repo_id"] and _holds_model(baked):
         return str(baked)

@@ -47,7 +47,7 @@ class SdxlModel(Model):
         from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
         s, dtype = self.settings, self._dtype(torch.float16)
-        folder = {name: weights.local_folder(name, location, s.weights_download) for name, location in
+        folder = {name: weights.local_folder(name, location, s.weights_download, s.model_dir) for name, location in
                   (("sdxl-vae", s.sdxl_vae_id), ("sdxl-base", s.sdxl_model_id), ("sdxl-refiner", s.sdxl_refiner_id))}
         vae = AutoencoderKL.from_pretrained(folder["sdxl-vae"], dtype=dtype, local_files_only=True)
         base = StableDiffusionXLPipeline.from_pretrained(

@@ -101,8 +101,8 @@ class WanModel(Model):
             from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
             from transformers import CLIPVisionModel, UMT5EncoderModel
 
-        model_id = self.folder = weights.local_folder("wan-i2v", self.settings.wan_model_id,
-                                                      self.settings.weights_download)
+        s = self.settings
+        model_id = self.folder = weights.local_folder("wan-i2v", s.wan_model_id, s.weights_download, s.model_dir)
         # A float8 transformer stored beside the bf16 one (download_weights.py --fp8) is half the bytes to read.
         stored_fp8 = self.fp8 and (Path(model_id) / float8.FOLDER).is_dir()
         self._read = (float8.FOLDER if stored_fp8 else "transformer", *COMPONENTS[1:])
