@@ -1,6 +1,6 @@
 """LoRA adapters for both modes: where a LoRA file comes from, the disk cache, and applying it per job.
 
-A job's LoRAs (`schemas.LoraSpec`, resolved when the job is checked) name a file by http(s)
+A job's LoRAs (`lora_source.LoraSpec`, resolved when the job is checked) name a file by http(s)
 URL, Hugging Face repo id or local path. URLs are downloaded once through fetch.py (SSRF-safe,
 deadline, byte cap while streaming), checked to be a complete .safetensors file, and kept in a disk cache keyed by
 the sha256 of the URL, least recently used files evicted beyond LORA_CACHE_GB. Hub files

@@ -5,8 +5,8 @@ default, bounds or choices and a one-sentence description. `validate_input(raw, 
 enforces all of them itself (runpod's rp_validator skips constraints whenever a value has the
 type of the field's default) and every rule that involves several fields or the worker's
 limits, in the order a reader expects, and returns a frozen `ImageJob` or `VideoJob` with the
-preset applied and the LoRAs resolved. Rules that need the input image's size live in
-`size_image_job` / `size_video_job`, called once the image is fetched. Every refusal is an
+preset applied and the LoRAs resolved. Rules that need the input image's size live in jobs.py
+(`size_image_job` / `size_video_job`), applied once the image is fetched. Every refusal is an
 `InputError` whose one sentence names the field, the value received and what is allowed.
 The README parameter tables are generated from this module (`python schemas.py`).
 """

@@ -6,8 +6,7 @@ holding the job id, with its real Content-Type. A failed upload is retried with 
 if it still fails the result comes back inline with a warning. An inline result over RunPod's
 payload limit (MAX_INLINE_MB) comes back smaller with a warning (an MP4 re-encoded at a lower
 bitrate, images as JPEG) rather than lost; only one that cannot be made to fit fails the job.
-Credentials never reach a message or a log. Local runs save results to files (`save_local`), and
-`check_folders` reports at start-up each folder the worker writes that cannot work.
+Credentials never reach a message or a log. Local runs save results to files (`save_local`).
 """
 
 from __future__ import annotations
@@ -219,10 +218,9 @@ def _smaller_images(artifacts: list[Artifact], limit: int, was: str, fix: str) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Local runs and the folders the worker writes
+# Local runs
 # ---------------------------------------------------------------------------------------------
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "video/mp4": "mp4"}
-# Below this much free space a folder is reported at start-up as nearly full (a 480x832 81-frame MP4 is ~10 MB).
 
 
 def save_local(result: dict[str, Any], root: str, job_id: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from errors import ModelUnavailable
+from errors import ModelUnavailable, first_line
 
 log = logging.getLogger("worker")
 
@@ -107,7 +107,7 @@ def local_folder(name: str, location: str, download: bool, model_dir: str = "/mo
     try:
         return fetch(location, spec["allow_patterns"], download_cache(volume))
     except Exception as err:  # noqa: BLE001 - whatever failed, the job gets one sentence and the worker serves on
-        reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+        reason = f"{type(err).__name__}: {first_line(err)}"
         raise ModelUnavailable(f"The weights of {location} ({spec['env']}) are not on this worker (looked in "
                            f"{looked}) and fetching them failed ({reason}); {fixes}.") from err
 

@@ -3,9 +3,10 @@
 
 A forward pass costs the same whatever the weights hold, so full-size random models (download_weights.py
 --random-full), loaded by the worker's own code, give honest seconds and memory. Each job runs through the
-worker in this process (handler.Worker(settings, ModelHandler(settings)).handle(job), reading the result's own
-timings) and through the model cards' plain diffusers recipe (plain.py), so every figure has a worker/plain
-ratio. Worker settings come as environment variables: --set WAN_FP8=1 --set WAN_COMPILE=1 ...
+worker in this process (handler.Worker(plan.settings, ModelHandler(plan)).handle(job) with plan =
+decide(settings), reading the result's own timings) and through the model cards' plain diffusers recipe
+(plain.py), so every figure has a worker/plain ratio. Worker settings come as environment variables:
+--set WAN_FP8=1 --set WAN_COMPILE=1 ...
 
     python benchmarks/bench.py                              # quick: 2 video steps; GPU
     python benchmarks/bench.py --full --goals               # 40 video steps; also writes goals.json
@@ -77,7 +78,7 @@ def meta(script: str, argv: list[str]) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     versions = {}
-    for name in ("torch", "diffusers", "transformers", "torchao", "runpod"):
+    for name in ("torch", "diffusers", "transformers", "fa3-fwd", "peft", "runpod"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -291,6 +292,8 @@ class Bench:
         device = Device.find()
         device = dataclasses.replace(device, memory_gib=self.args.gpu_gib) if self.args.gpu_gib else device
         plan = decide(load_settings(worker_env(self.models, self.set, self.lora)), device)
+        if plan.settings.num_gpus > 1:
+            raise SystemExit("bench.py measures one GPU; benchmarks/multi_gpu.py measures NUM_GPUS above 1")
         settings, models = plan.settings, ModelHandler(plan)
         worker = handler.Worker(settings, models)
         out = self.results["worker"]

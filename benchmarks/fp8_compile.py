@@ -102,7 +102,7 @@ def build_block(tiny: bool, device: str):
 
 
 def apply_lever(block, base: str) -> None:
-    if base == "torchao":  # the worker's quantization today
+    if base == "torchao":  # the worker's quantization before models/float8.py
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
         quantize_(block, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
     elif base == "scaled_mm":  # same arithmetic with plain tensors

@@ -58,10 +58,17 @@ def wait(endpoint: runpod.Endpoint, job_id: str, local: bool) -> dict:
         time.sleep(POLL_S)
 
 
+def _extension(uri: str) -> str:
+    """An image's file extension from its data URI (a result shrunk to fit comes back as JPEG) or its URL."""
+    mime = uri[5:].split(";", 1)[0] if uri.startswith("data:") else ""
+    return {"image/jpeg": "jpg", "image/webp": "webp"}.get(mime) or (
+        "jpg" if uri.split("?", 1)[0].lower().endswith((".jpg", ".jpeg")) else "png")
+
+
 def save(output: dict, folder: Path) -> list[Path]:
     """Write the job's video or images to `folder`; returns their paths."""
     results = ([("video.mp4", output["video"])] if "video" in output else
-               [(f"image-{i}.png", uri) for i, uri in enumerate(output["images"])])
+               [(f"image-{i}.{_extension(uri)}", uri) for i, uri in enumerate(output["images"])])
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, value in results:

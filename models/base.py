@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from errors import GenerationError, JobCancelled
+from lora_source import LoraSpec
 from loras import LoraCache, PipelineLoras
 from models.compile_cache import CompileCache, cache_key, compile_seconds, lookups
-from schemas import LoraSpec
 from settings import Settings
 
 log = logging.getLogger("worker")

@@ -19,7 +19,8 @@ import torch
 
 from errors import first_line
 
-# The self-check's bound on ||float8 - SDPA|| / ||SDPA||: float8 rounding measured ~5% on random inputs.
+# The self-check's bound on ||float8 - SDPA|| / ||SDPA||: about twice float8's rounding on random inputs
+# (benchmarks/RESULTS.md, the float8 attention kernel).
 SELF_CHECK_MAX_ERROR = 0.1
 
 
@@ -109,7 +110,7 @@ def load(folder: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Mod
         for tensor in transformer.parameters():
             if tensor.dtype != FLOAT8:
                 tensor.data = tensor.data.float()
-    return transformer.to(device)
+    return transformer.to(device).eval()  # as from_pretrained leaves a model
 
 
 def requantizer(model_folder: str) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:

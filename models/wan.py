@@ -149,8 +149,9 @@ class WanModel(Model):
         if self.pipe is None or self.placement.wan_profile != "full" or self.pipe.device.type != "cuda":
             return
         if self.fp8:
-            # Float8 weights cannot move to CPU memory: unload, and load again on the next video job.
-            log.info("Unloading Wan: it does not fit on the GPU beside SDXL, and float8 weights cannot be parked")
+            # Float8 Wan is measured resident only: unload it, and load again (the stored float8 file) on the next
+            # video job.
+            log.info("Unloading Wan: it does not fit on the GPU beside SDXL, and float8 Wan is not parked")
             self.pipe = self.loras = None
         else:
             log.info("Moving Wan to CPU memory: it does not fit on the GPU beside SDXL")

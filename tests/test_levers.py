@@ -268,3 +268,12 @@ def test_compact_command_refuses_a_folder_that_is_not_a_wan_model(tmp_path, caps
     with pytest.raises(SystemExit):
         download_weights.main(["--compact", str(tmp_path)])
     assert f"--compact '{tmp_path}' is not a Wan model folder (no model_index.json)" in capsys.readouterr().err
+
+
+def test_a_float8_switch_that_cannot_run_does_not_place_wan_as_if_it_did():
+    """WAN_FP8 on a 48 GB Ampere card (no float8 matmuls): the bf16 Wan does not fit resident there, so the plan
+    places it with model CPU offload, not as the float8 Wan that would have fit."""
+    plan = decide(load_settings({"WAN_FP8": "1"}), Device("cuda", (8, 6), 47.5, 1))
+    assert not plan.settings.wan_fp8 and plan.placement.wan_profile == "offload", plan
+    assert plan.notes == ("WAN_FP8 is ignored on cuda: float8 matmuls need a GPU of compute capability 8.9+ "
+                          "(Ada, Hopper)",)
