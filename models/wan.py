@@ -91,9 +91,10 @@ class WanModel(Model):
             torch.fx.experimental._config.use_duck_shape = False
         self.pipe = pipe
         seconds = time.perf_counter() - start
-        log.info("Wan2.1 I2V loaded on %s in %.1f s: %s (profile %s, fp8 %s, fp8 attention %s, compile %s, VAE %s)",
-                 self.device, seconds, phases.summary(stored_bytes(self.folder, self._read)),
-                 self.placement.wan_profile, self.fp8, self.fp8_attention, self.compiled, self.settings.wan_vae_dtype)
+        log.info("Wan2.1 I2V loaded on %s in %.1f s: %s (profile %s, fp8 %s, fp8 attention %s, compile %s, VAE %s, "
+                 "transformer from %s/)", self.device, seconds, phases.summary(stored_bytes(self.folder, self._read)),
+                 self.placement.wan_profile, self.fp8, self.fp8_attention, self.compiled, self.settings.wan_vae_dtype,
+                 self._read[0])
         return seconds
 
     def _pipeline(self, phases: Stopwatch):
