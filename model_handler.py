@@ -16,6 +16,7 @@ from models.base import free_memory
 from models.sdxl import SdxlModel
 from models.wan import VideoModel, WanModel
 from plan import Plan
+from weights import Reading
 
 log = logging.getLogger("worker")
 
@@ -23,8 +24,9 @@ log = logging.getLogger("worker")
 class ModelHandler:
     """The SDXL and Wan models of one worker process, placed on its device."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, reading: dict[str, Reading] | None = None) -> None:
         self.plan, self.settings, self.placement = plan, plan.settings, plan.placement
+        self.reading = reading or {}  # model name -> its weights being read ahead since the process started
         self.device = torch.device(plan.device.type)
         self.sdxl = SdxlModel(plan.settings, self.device)
         wan = WanModel(plan.settings, self.device, plan.placement)
@@ -37,6 +39,8 @@ class ModelHandler:
     def model(self, mode: str) -> tuple[SdxlModel | VideoModel, float]:
         """The mode's model, loaded and on the GPU (the other parked first if both do not fit); load seconds."""
         wanted, other = (self.sdxl, self.wan) if mode == "image" else (self.wan, self.sdxl)
+        if (guessed := self.reading.get(other.name)) is not None and guessed.guess:
+            guessed.stop(f"the first job is for {wanted.name}")  # the disk is this model's now
         if not self.placement.keep_both:
             other.park()  # first, so its memory is free before this one loads or moves in
         seconds = wanted.load()

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from errors import ModelUnavailable, first_line
+from settings import Settings
 
 log = logging.getLogger("worker")
 
@@ -50,6 +51,9 @@ REAL_MODELS: dict[str, dict] = {
 GROUPS = {"sdxl": ["sdxl-base", "sdxl-refiner", "sdxl-vae"], "wan": ["wan-i2v"]}
 VOLUME = Path("/runpod-volume")  # RunPod mounts the network volume and its cached models here
 READ_AHEAD_THREADS = 8  # parallel readers of the weight files (an NVMe disk serves several streams faster)
+READ_CHUNK = 64 * 1024**2  # bytes one reader takes at a time
+WAN_PARTS = ("transformer", "image_encoder", "vae", "text_encoder")  # the subfolders a Wan load reads, in order
+FLOAT8_TRANSFORMER = "transformer-fp8"  # beside "transformer": the float8 transformer download_weights.py --fp8 stores
 PROGRESS_EVERY_S = 10.0  # a progress line at least this often ...
 PROGRESS_EVERY_SHARE = 0.05  # ... or whenever another 5% has arrived
 
@@ -112,29 +116,113 @@ def local_folder(name: str, location: str, download: bool, model_dir: str = "/mo
                            f"{looked}) and fetching them failed ({reason}); {fixes}.") from err
 
 
-def read_ahead(folder: str, subfolders: Iterable[str]) -> concurrent.futures.Future:
-    """Read a model's weight files into the page cache in the background, several files at a time, while the loader
-    reads them one after another: the disk serves parallel streams faster than one, and the loader then finds the
-    bytes in memory. Skipped when they would not fit beside what is free. Returns when started; its future gives
-    the bytes read."""
-    files = [f for sub in subfolders for f in sorted((Path(folder) / sub).glob("*.safetensors"))]
-    total = sum(f.stat().st_size for f in files)
-    pool = concurrent.futures.ThreadPoolExecutor(READ_AHEAD_THREADS, thread_name_prefix="read-ahead")
-    if total > 0.6 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):  # it would evict its own reads
-        files = []
-    reads = [pool.submit(_read, f) for f in files]
-    pool.shutdown(wait=False)
-    done: concurrent.futures.Future = concurrent.futures.Future()
-    threading.Thread(target=lambda: done.set_result(sum(r.result() for r in reads)), daemon=True).start()
-    return done
+class Reading:
+    """Weight files being read into the page cache by a few threads, in the order a loader reads them: each file
+    in chunks, several chunks at once, so the front of the read moves at the disk's speed (one stream is slower
+    on an NVMe disk) and a loader following behind finds its next bytes in memory. `stop()` ends it after the
+    chunks in flight; `result()` gives the bytes read. One line in the log when it ends."""
+
+    def __init__(self, what: str, files: list[Path], guess: bool = False) -> None:
+        self.what, self.files, self.guess = what, files, guess
+        self.total = sum(f.stat().st_size for f in files)
+        self._stop = threading.Event()
+        self._why_stopped = ""
+        self._start = time.perf_counter()
+        self._done: concurrent.futures.Future = concurrent.futures.Future()
+        chunks = [(f, offset, min(READ_CHUNK, f.stat().st_size - offset))
+                  for f in files for offset in range(0, f.stat().st_size, READ_CHUNK)]
+        pool = concurrent.futures.ThreadPoolExecutor(READ_AHEAD_THREADS, thread_name_prefix="read-ahead")
+        reads = [pool.submit(self._read, *chunk) for chunk in chunks]
+        pool.shutdown(wait=False)
+        threading.Thread(target=self._finish, args=(reads,), daemon=True).start()
+
+    def stop(self, why: str) -> None:
+        if not self._stop.is_set():
+            self._why_stopped = why
+            self._stop.set()
+
+    def result(self, timeout: float | None = None) -> int:
+        return self._done.result(timeout)
+
+    def _read(self, path: Path, offset: int, length: int) -> int:
+        if self._stop.is_set():
+            return 0
+        buffer, read = bytearray(min(length, 16 * 1024**2)), 0
+        with open(path, "rb", buffering=0) as fh:
+            fh.seek(offset)
+            while read < length and (n := fh.readinto(memoryview(buffer)[:min(len(buffer), length - read)])):
+                read += n
+        return read
+
+    def _finish(self, reads: list[concurrent.futures.Future]) -> None:
+        try:
+            done = sum(r.result() for r in reads)
+        except OSError as err:  # a file gone or unreadable: the loader meets it and says so; this is only a speed-up
+            log.warning("reading %s ahead failed (%s); the loader reads the files itself", self.what, err)
+            done = 0
+        seconds = time.perf_counter() - self._start
+        if self._stop.is_set() or done < self.total:
+            with _CLAIMS_LOCK:  # a later read_ahead reads them after all
+                _CLAIMED.difference_update(self.files)
+        if self._stop.is_set():
+            log.info("stopped reading %s ahead after %.1f of %.1f GB: %s", self.what, done / 1e9, self.total / 1e9,
+                     self._why_stopped)
+        elif self.files:
+            log.info("read %s ahead: %.1f GB in %.1f s (%.2f GB/s, %d readers)", self.what, done / 1e9, seconds,
+                     done / 1e9 / max(seconds, 1e-9), READ_AHEAD_THREADS)
+        self._done.set_result(done)
 
 
-def _read(path: Path) -> int:
-    buffer, read = bytearray(16 * 1024**2), 0
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buffer):
-            read += n
-    return read
+_CLAIMED: set[Path] = set()  # files a Reading took on and did not stop short of: not read ahead again
+_CLAIMS_LOCK = threading.Lock()
+
+
+def read_ahead(folder: str, subfolders: Iterable[str], what: str | None = None, guess: bool = False,
+               why: str = "") -> Reading:
+    """Start reading a model's weight files (the .safetensors of `subfolders`, in that order) into the page
+    cache; returns at once. Files another Reading took on (and did not stop short of) are left to it: in this
+    process a file is read ahead once. Nothing is read when the files would not fit beside what memory is
+    free: the read would evict its own first bytes before the loader came."""
+    what = what or Path(folder).name
+    wanted = [f for sub in subfolders for f in sorted((Path(folder) / sub).glob("*.safetensors"))]
+    with _CLAIMS_LOCK:
+        files = [f for f in wanted if f not in _CLAIMED]
+        total = sum(f.stat().st_size for f in files)
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if total > 0.6 * free:
+            log.info("not reading %s ahead: its %.1f GB would not fit in the %.1f GB of free memory", what,
+                     total / 1e9, free / 1e9)
+            files = []
+        _CLAIMED.update(files)
+    if files:
+        log.info("reading %s ahead: %.1f GB in %d files of %s%s", what, total / 1e9, len(files),
+                 ", ".join(dict.fromkeys(f.parent.name for f in files)), f", {why}" if why else "")
+    return Reading(what, files, guess)
+
+
+def reads_at_start(settings: Settings) -> dict[str, Reading]:
+    """What a new worker starts reading before anything else (Python's imports of torch and diffusers take
+    seconds): the Wan files when Wan loads at start-up (PRELOAD_MODELS, WAN_COMPILE), or, when no model loads at
+    start-up, as a guess that the first job is a video (an image job stops it). Weights that are not on this
+    worker yet are fetched by the load, not read here."""
+    wan_at_start = "wan" in settings.preload or settings.wan_compile
+    if not (wan_at_start or not (settings.preload or settings.sdxl_compile)):
+        return {}
+    try:
+        folder = local_folder("wan-i2v", settings.wan_model_id, download=False, model_dir=settings.model_dir)
+    except ModelUnavailable:
+        return {}
+    why = "as Wan loads at start-up" if wan_at_start else "as a guess that the first job is a video"
+    reading = read_ahead(folder, wan_parts(folder, settings.wan_fp8), "Wan2.1 I2V", guess=not wan_at_start,
+                         why=f"from the process start ({why})")
+    return {"wan": reading}
+
+
+def wan_parts(folder: str, fp8: bool) -> tuple[str, ...]:
+    """The subfolders a Wan load reads, in its order: the float8 transformer download_weights.py --fp8 stored,
+    when WAN_FP8 is on and there is one, instead of the bf16 transformer (half the bytes, no quantizing)."""
+    stored_fp8 = fp8 and (Path(folder) / FLOAT8_TRANSFORMER).is_dir()
+    return (FLOAT8_TRANSFORMER if stored_fp8 else "transformer", *WAN_PARTS[1:])
 
 
 def _is_path(location: str) -> bool:

@@ -3,7 +3,7 @@
 
 A forward pass costs the same whatever the weights hold, so full-size random models (download_weights.py
 --random-full), loaded by the worker's own code, give honest seconds and memory. Each job runs through the
-worker in this process (handler.Worker(plan.settings, ModelHandler(plan)).handle(job) with plan =
+worker in this process (worker.Worker(plan.settings, ModelHandler(plan)).handle(job) with plan =
 decide(settings), reading the result's own timings) and through the model cards' plain diffusers recipe
 (plain.py), so every figure has a worker/plain ratio. Worker settings come as environment variables:
 --set WAN_FP8=1 --set WAN_COMPILE=1 ...
@@ -283,11 +283,11 @@ class Bench:
     def worker(self) -> None:
         import plain
 
-        import handler
         from model_handler import ModelHandler
         from plan import Device, decide
         from schemas import validate_input
         from settings import load_settings
+        from worker import Worker
 
         device = Device.find()
         device = dataclasses.replace(device, memory_gib=self.args.gpu_gib) if self.args.gpu_gib else device
@@ -295,7 +295,7 @@ class Bench:
         if plan.settings.num_gpus > 1:
             raise SystemExit("bench.py measures one GPU; benchmarks/multi_gpu.py measures NUM_GPUS above 1")
         settings, models = plan.settings, ModelHandler(plan)
-        worker = handler.Worker(settings, models)
+        worker = Worker(settings, models)
         out = self.results["worker"]
         out["settings"] = settings.summary()
         start = time.perf_counter()

@@ -34,6 +34,7 @@ from pathlib import Path
 from bench import DEFAULT_MODELS, RESULTS, ROOT, meta, video_input, worker_env
 
 import download_weights
+import weights
 
 # gpu_session.sh's speed switches (its SPEED), so that "speed-cached" finds the cache `goals` wrote.
 SPEED = {"WAN_FP8": "1", "WAN_FP8_ATTENTION": "1", "WAN_COMPILE": "1", "WAN_VAE_DTYPE": "bfloat16"}
@@ -89,6 +90,8 @@ def phases(log: str) -> dict:
             out[f"wan_{name}_s"] = float(seconds)
         if rate := re.search(r"\(([\d.]+) GB at ([\d.]+) GB/s\)", found[2]):
             out["wan_weights_gb"], out["wan_weights_gb_per_s"] = float(rate[1]), float(rate[2])
+    if found := re.search(r"read Wan2.1 I2V ahead: ([\d.]+) GB in ([\d.]+) s \(([\d.]+) GB/s", log):
+        out["read_ahead_gb"], out["read_ahead_s"], out["read_ahead_gb_per_s"] = (float(v) for v in found.groups())
     if found := re.search(r"wan warm-up took ([\d.]+) s", log):
         out["wan_warm_up_s"] = float(found[1])
     if found := re.search(r"wan compiling: (.*); cache lookups: (.*)", log):
@@ -98,9 +101,52 @@ def phases(log: str) -> dict:
     return out
 
 
-def run(config: str, shape: str, args: argparse.Namespace, scratch: Path) -> dict:
+# Worker log lines that mark a cold start's progress, for its timeline (seconds after the process started).
+EVENTS = {"read_ahead_done": "read Wan2.1 I2V ahead:", "imports_done": "start-up: imports",
+          "wan_loaded": "Wan2.1 I2V loaded on", "warm_up_done": "wan warm-up took",
+          "first_step_done": "denoise step 1/", "last_step_done": "denoise step {steps}/", "mp4_written": "wrote "}
+
+
+def timeline(log: str, start: float, steps: int) -> dict[str, float]:
+    """Seconds from the process start to each event of EVENTS, from the worker's time-stamped lines."""
+    out: dict[str, float] = {}
+    for line in log.splitlines():
+        if not (stamp := re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", line)):
+            continue
+        at = time.mktime(time.strptime(stamp[1], "%Y-%m-%d %H:%M:%S")) + int(stamp[2]) / 1000 - start
+        for event, text in EVENTS.items():
+            if text.format(steps=steps) in line and event not in out:
+                out[event] = round(at, 2)
+    return out
+
+
+def disk(paths: list[Path], limit_gb: float) -> dict:
+    """The disk's read speed for these files (the first limit_gb of them), page cache evicted before each read:
+    one sequential stream as `cat` reads, and the worker's read-ahead (weights.Reading)."""
+    files, total = [], 0
+    for path in paths:
+        if total < limit_gb * 1e9:
+            files.append(path)
+            total += path.stat().st_size
+    out: dict = {"gb": round(total / 1e9, 2), "files": len(files)}
+    evict(files)
+    start, buffer = time.perf_counter(), bytearray(16 * 1024**2)
+    for path in files:
+        with open(path, "rb", buffering=0) as fh:
+            while fh.readinto(buffer):
+                pass
+    out["sequential_gb_per_s"] = round(total / 1e9 / (time.perf_counter() - start), 2)
+    evict(files)
+    start = time.perf_counter()
+    weights.Reading("disk probe", files).result()
+    out["read_ahead_gb_per_s"] = round(total / 1e9 / (time.perf_counter() - start), 2)
+    out["read_ahead_readers"] = weights.READ_AHEAD_THREADS
+    return out
+
+
+def run(config: str, shape: str, args: argparse.Namespace, scratch: Path, tag: str = "") -> dict:
     width, height, frames = (int(v) for v in shape.split("x"))
-    job_id = f"cold-{config}-{shape}"
+    job_id = f"cold-{config}-{shape}{tag}"
     size = (width, height) if args.tiny else None  # tiny: no auto-sizing up to 480x832
     env = worker_env(args.models, dict(item.split("=", 1) for item in args.set))
     # A new worker's local compiler caches are empty: only COMPILE_CACHE_DIR (the volume) may hold kernels.
@@ -134,6 +180,7 @@ def run(config: str, shape: str, args: argparse.Namespace, scratch: Path) -> dic
     for folder in local_caches:
         shutil.rmtree(folder, ignore_errors=True)
     text = log_path.read_text(errors="replace")
+    shutil.copy(log_path, args.out / f"{job_id}.log")  # every start's log beside the JSON: the phases' source
     if config == "plain":
         result = json.loads(result_file.read_text()) if result_file.exists() else {}
         if result:
@@ -152,6 +199,7 @@ def run(config: str, shape: str, args: argparse.Namespace, scratch: Path) -> dic
         if len(stamps) >= 2:
             rec["s_per_step"] = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
         rec["phases"] = phases(text)
+        rec["timeline"] = timeline(text, start, args.steps)
     if "start_to_result_s" not in rec:
         rec["error"] = "no result"
         rec["log_tail"] = text.splitlines()[-15:]
@@ -162,22 +210,26 @@ def run(config: str, shape: str, args: argparse.Namespace, scratch: Path) -> dic
 
 def table(data: dict) -> str:
     lines = [f"{data['gpu']}, {data['date']}, torch {data['torch']}, {data['steps']}-step video job", "",
-             "| shape -> video | configuration | start -> result s | imports s | weights s (GB/s) | quantize s | "
-             "warm-up s (trace / AOT / inductor) | aot_autograd hit/miss/bypass | first job s/step | rc |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape -> video | configuration | start -> result s | imports s | read ahead s (GB/s) | "
+             "Wan loaded at s | weights s (GB/s) | quantize s | warm-up s (trace / AOT / inductor) | "
+             "aot_autograd hit/miss/bypass | first job s/step | rc |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(value: float | None, digits: int = 1) -> str:
         return "-" if value is None else str(round(value, digits))
 
     for rec in data["runs"].values():
         p, lookups = rec.get("phases", {}), rec.get("phases", {}).get("cache_lookups", {})
-        weights = p.get("wan_weights_s") or rec.get("load_s")
+        weights_s = p.get("wan_weights_s") or rec.get("load_s")
         rate = f" ({cell(p.get('wan_weights_gb_per_s'), 2)})" if "wan_weights_gb_per_s" in p else ""
         compiling = (f" ({cell(p.get('compile_trace_s'))} / {cell(p.get('compile_aot_s'))} / "
                      f"{cell(p.get('compile_inductor_s'))})" if "compile_trace_s" in p else "")
+        read = (f"{cell(p.get('read_ahead_s'))} ({cell(p.get('read_ahead_gb_per_s'), 2)})"
+                if "read_ahead_s" in p else "-")
         aot = "/".join(str(lookups.get(f"autograd_cache_{k}", "-")) for k in ("hit", "miss", "bypass"))
         lines.append(f"| {rec['shape']} -> {rec.get('width')}x{rec.get('height')} | {rec['config']} | "
-                     f"{cell(rec.get('start_to_result_s'))} | {cell(p.get('imports_s'))} | {cell(weights)}{rate} | "
+                     f"{cell(rec.get('start_to_result_s'))} | {cell(p.get('imports_s'))} | {read} | "
+                     f"{cell(rec.get('timeline', {}).get('wan_loaded'))} | {cell(weights_s)}{rate} | "
                      f"{cell(p.get('wan_quantizing_s'))} | {cell(p.get('wan_warm_up_s'))}{compiling} | {aot} | "
                      f"{cell(rec.get('s_per_step'), 2)} | {rec['rc']} |")
     return "\n".join(lines)
@@ -189,11 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default="832x480x81,1024x768x33", help="input image WxH x frames, comma-separated")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"from {','.join(CONFIGS)}, run in this order")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=1, help="starts of each configuration and shape")
     p.add_argument("--cache-dir", type=Path, default=Path("/tmp/compile-cache"), help="COMPILE_CACHE_DIR")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="worker environment variable")
     p.add_argument("--timeout", type=float, default=1500.0, help="seconds one start may take")
     p.add_argument("--tiny", action="store_true", help="tiny models on CPU: explicit video size (the tests)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="writes OUT/cold_start.json")
+    p.add_argument("--disk", type=float, default=0.0, metavar="GB",
+                   help="first measure the disk on this many GB of the Wan files: one stream against the read-ahead")
+    p.add_argument("--out", type=Path, default=RESULTS, help="writes OUT/cold_start.json and each start's log")
     args = p.parse_args(argv)
     if args.tiny and args.out == RESULTS:  # tiny figures never land beside the real ones
         args.out = Path(tempfile.gettempdir()) / "bench-tiny"
@@ -206,13 +261,19 @@ def main(argv: list[str] | None = None) -> int:
     data = {**meta("cold_start.py", sys.argv[1:] if argv is None else argv), "steps": args.steps, "set": args.set,
             "shapes": args.shapes.split(","), "runs": {}}
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.disk:
+        wan = args.models / "wan-i2v"
+        data["disk"] = disk([f for sub in ("transformer", "image_encoder", "vae", "text_encoder")
+                             for f in sorted((wan / sub).glob("*.safetensors"))], args.disk)
+        print(f"[cold] disk: {json.dumps(data['disk'])}", flush=True)
     with tempfile.TemporaryDirectory(prefix="cold-") as scratch:
         for shape in data["shapes"]:
             for config in args.configs.split(","):
-                rec = run(config, shape, args, Path(scratch))
-                data["runs"][f"{config} {shape}"] = rec
-                print(f"[cold] {config} {shape}: {json.dumps(rec)[:400]}", flush=True)
-                (args.out / "cold_start.json").write_text(json.dumps(data, indent=1) + "\n")
+                for n in range(1, args.repeat + 1):
+                    rec = run(config, shape, args, Path(scratch), f"-{n}" if args.repeat > 1 else "")
+                    data["runs"][f"{config} {shape}" + (f" #{n}" if args.repeat > 1 else "")] = rec
+                    print(f"[cold] {config} {shape}: {json.dumps(rec)[:400]}", flush=True)
+                    (args.out / "cold_start.json").write_text(json.dumps(data, indent=1) + "\n")
     print(table(data))
     return 0 if all("error" not in rec for rec in data["runs"].values()) else 1
 

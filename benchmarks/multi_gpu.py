@@ -34,8 +34,8 @@ def measure(gpus: int, steps: int, models: Path, tiny: bool, overrides: dict[str
     """In a fresh process: the worker with NUM_GPUS=gpus, one warm-up job, then the timed job."""
     import plain
 
-    from handler import build_worker
     from settings import load_settings
+    from worker import build_worker
 
     env = {"WAN_MODEL_ID": str(models / "wan-i2v"), "SDXL_MODEL_ID": str(models / "sdxl-base"),
            **overrides, "NUM_GPUS": str(gpus)}

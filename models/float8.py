@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+import weights
 from errors import first_line
 
 # The self-check's bound on ||float8 - SDPA|| / ||SDPA||: about twice float8's rounding on random inputs
@@ -76,7 +77,7 @@ def quantize(transformer: torch.nn.Module) -> None:
                 setattr(module, child, Float8Linear.of(layer))
 
 
-FOLDER = "transformer-fp8"  # beside "transformer" in a Wan folder: the float8 transformer `save` writes
+FOLDER = weights.FLOAT8_TRANSFORMER  # beside "transformer" in a Wan folder: the float8 transformer `save` writes
 
 
 def save(transformer: torch.nn.Module, folder: Path) -> None:

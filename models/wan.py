@@ -28,13 +28,11 @@ from models.base import Cancelled, Model, Progress, Stopwatch, free_memory, frie
 from models.step_cache import step_cache
 from models.vae import channels_last_convs, decoded_frames, reused_encoder_work, uint8_frames
 from plan import Placement
-from schemas import VideoJob, validate_input
+from schemas import VideoJob
 from settings import Settings
-from video_utils import data_uri, png_bytes
 
 log = logging.getLogger("worker")
 Frames = Callable[[np.ndarray], None]  # receives uint8 RGB frames (F, H, W, 3) in order
-COMPONENTS = ("transformer", "image_encoder", "vae", "text_encoder")  # the weights a load reads
 
 
 class VideoModel(Protocol):
@@ -68,7 +66,7 @@ class WanModel(Model):
         self.compiled = settings.wan_compile
         self.fp8, self.fp8_attention = settings.wan_fp8, settings.wan_fp8_attention
         self.folder: str | None = None  # where load() found the weights
-        self._read: tuple[str, ...] = COMPONENTS  # the subfolders load() read
+        self._read: tuple[str, ...] = weights.WAN_PARTS  # the subfolders load() read
 
     def load(self) -> float:
         """Load the pipeline and apply the speed switches; returns seconds spent (0.0 when already loaded)."""
@@ -104,11 +102,11 @@ class WanModel(Model):
 
         s = self.settings
         model_id = self.folder = weights.local_folder("wan-i2v", s.wan_model_id, s.weights_download, s.model_dir)
-        # A float8 transformer stored beside the bf16 one (download_weights.py --fp8) is half the bytes to read.
-        stored_fp8 = self.fp8 and (Path(model_id) / float8.FOLDER).is_dir()
-        self._read = (float8.FOLDER if stored_fp8 else "transformer", *COMPONENTS[1:])
-        # The files come off the disk several at a time while diffusers reads them one after another.
-        weights.read_ahead(model_id, self._read)
+        self._read = weights.wan_parts(model_id, self.fp8)
+        stored_fp8 = self._read[0] == float8.FOLDER
+        # The files come off the disk several chunks at a time while diffusers reads them one after another
+        # (those a start-up read already took on are left to it).
+        weights.read_ahead(model_id, self._read, "Wan2.1 I2V")
         low = self._dtype(torch.bfloat16)
         # Resident weights load straight into GPU memory instead of through a CPU copy; the transformer
         # comes first and is quantized there at once (float8 implies "full"), so float8 loads at disk speed too.
@@ -168,15 +166,15 @@ class WanModel(Model):
         return self._key(self.pipe.transformer.config, self.fp8, self.fp8_attention)
 
     def _warm_up_job(self) -> None:
-        # The default job (480x832, 81 frames) with 2 steps. The blocks compile with dynamic shapes, so every
-        # other shape reuses this compile; the shape only tunes the kernels' launch heuristics, hence the
-        # default one on a GPU. On CPU (the tests) the smallest shape keeps the same path to seconds.
+        # One denoising step of the default job (480x832, 81 frames), left undecoded: what compiles is the
+        # transformer's blocks, and a second step or the VAE's decode would only add seconds before the first
+        # user job. The blocks compile with dynamic shapes, so every other shape reuses this compile; the shape
+        # only tunes the kernels' launch heuristics, hence the default one on a GPU. On CPU (the tests) the
+        # smallest shape keeps the same path to seconds.
         height, width, frames = (480, 832, 81) if self.device.type == "cuda" else (64, 64, 5)
-        image = Image.new("RGB", (width, height))
-        url = data_uri(png_bytes(image), "image/png")
-        job = validate_input({"mode": "video", "prompt": "warm-up", "image_url": url, "seed": 0, "height": height,
-                              "width": width, "num_frames": frames, "num_inference_steps": 2}, self.settings)
-        self.generate(job, image)
+        self.pipe(image=Image.new("RGB", (width, height)), prompt="warm-up", height=height, width=width,
+                  num_frames=frames, num_inference_steps=1, generator=torch.Generator("cpu").manual_seed(0),
+                  output_type="latent")
 
     def _new_loras(self) -> PipelineLoras:
         # Fused adapters are unloaded, so the compiled blocks still match.

@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import download_weights  # noqa: E402
-from handler import Worker  # noqa: E402
 from model_handler import ModelHandler  # noqa: E402
 from plan import decide  # noqa: E402
 from settings import Settings, load_settings  # noqa: E402
+from worker import Worker  # noqa: E402
 
 
 @pytest.fixture(scope="session")

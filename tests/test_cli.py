@@ -30,6 +30,15 @@ def test_test_input_flag_runs_one_job_and_writes_the_video(tiny_env, tmp_path):
     # The log shows where the video went, not megabytes of base64.
     assert str(tmp_path / "local_test" / "video.mp4") in out.stdout
     assert not re.search(r"[A-Za-z0-9+/]{2000}", out.stdout + out.stderr)
+    # A cold start's longest part begins first: the Wan files are read from the process start, before Python
+    # has imported torch (no model loads at start-up, so this is a guess that the first job is a video, and it was).
+    lines = [line.split(" worker: ", 1)[1] for line in out.stderr.splitlines() if " worker: " in line]
+    assert re.fullmatch(r"reading Wan2.1 I2V ahead: [\d.]+ GB in 4 files of transformer, image_encoder, vae, "
+                        r"text_encoder, from the process start \(as a guess that the first job is a video\)",
+                        lines[0]), lines
+    assert lines.index(next(x for x in lines if x.startswith("read Wan2.1 I2V ahead: "))) < \
+        lines.index(next(x for x in lines if x.startswith("Wan2.1 I2V loaded on cpu")))
+    assert sum(x.startswith("reading Wan2.1 I2V ahead") for x in lines) == 1  # the load does not read them again
 
 
 def test_test_input_flag_reports_a_bad_request_and_exits_nonzero(tiny_env, tmp_path):

@@ -23,12 +23,12 @@ from safetensors.torch import save_file
 
 import loras
 from errors import InputError
-from handler import Worker
 from lora_source import parse_source
 from model_handler import ModelHandler
 from plan import decide
 from schemas import validate_input
 from settings import Settings, SettingsError, load_settings
+from worker import Worker
 
 RANK = 4
 # guidance 1.0: one transformer call per step and no negative prompt to encode (keeps the tests fast).

@@ -45,6 +45,7 @@ def test_speed_switches_start_quietly_and_a_second_worker_reuses_the_compile_cac
         assert re.search(r"Wan2.1 I2V loaded on cpu in [\d.]+ s: imports [\d.]+ s, weights [\d.]+ s \([\d.]+ GB at "
                          r"[\d.]+ GB/s\), quantizing [\d.]+ s, placing [\d.]+ s \(profile full, fp8 True", log), log
         logs.append(log)
+        assert re.search(r"reading Wan2.1 I2V ahead: .* from the process start \(as Wan loads at start-up\)", log)
     assert re.search(r"wan warm-up took [\d.]+ s \(compiled; cache written to .*/volume/wan-\w+\.bin\)", logs[0])
     assert re.search(r"wan warm-up took [\d.]+ s \([1-9]\d* compiled graphs from the compile cache", logs[1]), logs[1]
     # The second worker finds the traced float8 graph (AOTAutograd's) in the cache, not only inductor's kernels:

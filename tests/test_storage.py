@@ -26,8 +26,8 @@ from media import probe_mp4
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
-import handler
 import storage
+import worker
 from settings import Bucket, SettingsError, load_settings
 
 BUCKET = "results"
@@ -348,13 +348,13 @@ def _break_mid_run(s3, use_bucket, monkeypatch):
     """A second S3 server that is up when the job starts and goes down after generation."""
     doomed = S3Server()
     use_bucket(bucket_env(doomed.endpoint))
-    finish = handler.Mp4Stream.finish
+    finish = worker.Mp4Stream.finish
 
     def encode_then_stop(stream):
         doomed.stop()
         return finish(stream)
 
-    monkeypatch.setattr(handler.Mp4Stream, "finish", encode_then_stop)
+    monkeypatch.setattr(worker.Mp4Stream, "finish", encode_then_stop)
     return (r"EndpointConnectionError: Could not connect to the endpoint URL: "
             rf"\"{re.escape(doomed.endpoint)}/{BUCKET}/{{job}}/[0-9a-f]{{{{8}}}}/video\.mp4\"")
 

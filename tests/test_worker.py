@@ -302,7 +302,7 @@ def test_progress_is_posted_to_runpod_once_per_denoising_step(tiny_settings, tin
 
     import runpod
 
-    from handler import Worker
+    from worker import Worker
 
     posted = []
     monkeypatch.setattr(runpod.serverless, "progress_update", lambda job, update: posted.append((job["id"], update)))
