@@ -50,6 +50,7 @@ REAL_MODELS: dict[str, dict] = {
 }
 GROUPS = {"sdxl": ["sdxl-base", "sdxl-refiner", "sdxl-vae"], "wan": ["wan-i2v"]}
 VOLUME = Path("/runpod-volume")  # RunPod mounts the network volume and its cached models here
+CGROUP = Path("/sys/fs/cgroup")  # the container's memory limit, where the kernel shows it
 READ_AHEAD_THREADS = 8  # parallel readers of the weight files (an NVMe disk serves several streams faster)
 READ_CHUNK = 64 * 1024**2  # bytes one reader takes at a time
 WAN_PARTS = ("transformer", "image_encoder", "vae", "text_encoder")  # the subfolders a Wan load reads, in order
@@ -188,7 +189,7 @@ def read_ahead(folder: str, subfolders: Iterable[str], what: str | None = None, 
     with _CLAIMS_LOCK:
         files = [f for f in wanted if f not in _CLAIMED]
         total = sum(f.stat().st_size for f in files)
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = free_memory()
         if total > 0.6 * free:
             log.info("not reading %s ahead: its %.1f GB would not fit in the %.1f GB of free memory", what,
                      total / 1e9, free / 1e9)
@@ -198,6 +199,20 @@ def read_ahead(folder: str, subfolders: Iterable[str], what: str | None = None, 
         log.info("reading %s ahead: %.1f GB in %d files of %s%s", what, total / 1e9, len(files),
                  ", ".join(dict.fromkeys(f.parent.name for f in files)), f", {why}" if why else "")
     return Reading(what, files, guess)
+
+
+def free_memory() -> int:
+    """Bytes a read into the page cache may fill: the machine's free memory, or what the container's memory limit
+    leaves (cgroup v2, or v1), when that is less: past it the kernel drops the container's oldest cached pages."""
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit, used in (("memory.max", "memory.current"),
+                        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            cap, usage = (CGROUP / limit).read_text().strip(), int((CGROUP / used).read_text())
+        except (OSError, ValueError):
+            continue
+        return min(free, int(cap) - usage) if cap.isdigit() else free  # "max": no limit
+    return free
 
 
 def reads_at_start(settings: Settings) -> dict[str, Reading]:

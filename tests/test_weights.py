@@ -283,3 +283,19 @@ def test_what_a_new_worker_reads_first_follows_what_it_loads_at_start(tmp_path):
     assert weights.reads_at_start(load_settings(env | {"PRELOAD_MODELS": "sdxl"})) == {}
     assert weights.reads_at_start(load_settings(env | {"SDXL_COMPILE": "1"})) == {}
     assert weights.reads_at_start(load_settings({"WAN_MODEL_ID": str(tmp_path / "nothing-here")})) == {}
+
+
+def test_a_read_ahead_that_would_not_fit_in_the_containers_memory_is_not_started(tmp_path, monkeypatch, caplog):
+    """A container's memory limit (cgroup) below the machine's free memory: reading more than fits would drop the
+    first bytes before the loader came for them, so nothing is read and the log says why."""
+    folder = sparse_model(tmp_path / "wan", 0.5)
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    (cgroup / "memory.max").write_text(f"{700 * 10**6}\n")
+    (cgroup / "memory.current").write_text(f"{100 * 10**6}\n")
+    monkeypatch.setattr(weights, "CGROUP", cgroup)
+    caplog.set_level("INFO", logger="worker")
+    assert weights.read_ahead(str(folder), ("transformer",), "Wan2.1 I2V").result(timeout=30) == 0
+    assert "not reading Wan2.1 I2V ahead: its 0.5 GB would not fit in the 0.6 GB of free memory" in caplog.text
+    (cgroup / "memory.max").write_text("max\n")  # no limit: the machine's free memory decides
+    assert weights.read_ahead(str(folder), ("transformer",), "Wan2.1 I2V").result(timeout=30) == 500_000_000
