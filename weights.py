@@ -221,7 +221,8 @@ def reads_at_start(settings: Settings) -> dict[str, Reading]:
     start-up, as a guess that the first job is a video (an image job stops it). Weights that are not on this
     worker yet are fetched by the load, not read here."""
     wan_at_start = "wan" in settings.preload or settings.wan_compile
-    if not (wan_at_start or not (settings.preload or settings.sdxl_compile)):
+    nothing_at_start = not (settings.preload or settings.wan_compile or settings.sdxl_compile)
+    if not (wan_at_start or nothing_at_start):
         return {}
     try:
         folder = local_folder("wan-i2v", settings.wan_model_id, download=False, model_dir=settings.model_dir)

@@ -20,6 +20,7 @@
 #   cold16       cold_start.py, 3 steps, 2 shapes x default, speed-empty, speed-cached (the cold-start table)
 #   cold-goals   cold_start.py at 480x832x81: default, speed-empty, speed-cached, plain (issue 22's three goals),
 #                after the disk's speed on 16 GB of the Wan files (one stream against the worker's read-ahead)
+#   cold-worker  cold-goals' worker starts alone (disk probe on 8 GB); cold-plain: its plain diffusers start alone
 #   cold1024     cold_start.py at 1024x768x33, default and speed-cached, REPEAT (3) starts of each (the segfault)
 #   fp8-compile  fp8_compile.py: one full-size Wan block compiled cold and cached, torchao float8 against the
 #                worker's float8 layers (scaled_mm), with and without torch's precompile
@@ -54,6 +55,10 @@ run_step() {
                       --configs default,speed-cached,plain) ;;
     cold-goals) cmd=(benchmarks/cold_start.py --models "$MODELS" --cache-dir "$CACHE" --shapes 832x480x81
                      --configs default,speed-empty,speed-cached,plain --disk 16) ;;
+    cold-worker) cmd=(benchmarks/cold_start.py --models "$MODELS" --cache-dir "$CACHE" --shapes 832x480x81
+                      --configs default,speed-empty,speed-cached --disk 8) ;;
+    cold-plain) cmd=(benchmarks/cold_start.py --models "$MODELS" --cache-dir "$CACHE" --shapes 832x480x81
+                     --configs plain) ;;
     cold1024) cmd=(benchmarks/cold_start.py --models "$MODELS" --cache-dir "$CACHE" --shapes 1024x768x33
                    --configs default,speed-cached --repeat "${REPEAT:-3}") ;;
     fp8-compile) cmd=(benchmarks/fp8_compile.py --out "$out/fp8-compile.json"
