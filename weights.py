@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import queue
 import shutil
 import threading
 import time
@@ -121,21 +122,26 @@ class Reading:
     """Weight files being read into the page cache by a few threads, in the order a loader reads them: each file
     in chunks, several chunks at once, so the front of the read moves at the disk's speed (one stream is slower
     on an NVMe disk) and a loader following behind finds its next bytes in memory. `stop()` ends it after the
-    chunks in flight; `result()` gives the bytes read. One line in the log when it ends."""
+    chunks in flight; `result()` gives the bytes read. One line in the log when it ends. The readers are daemon
+    threads: a worker that exits (a bad setting, the end of a local test) does not wait for them."""
 
     def __init__(self, what: str, files: list[Path], guess: bool = False) -> None:
         self.what, self.files, self.guess = what, files, guess
-        self.total = sum(f.stat().st_size for f in files)
-        self._stop = threading.Event()
-        self._why_stopped = ""
+        sizes = [f.stat().st_size for f in files]
+        self.total = sum(sizes)
+        self._stop, self._why_stopped, self._failed = threading.Event(), "", ""
         self._start = time.perf_counter()
         self._done: concurrent.futures.Future = concurrent.futures.Future()
-        chunks = [(f, offset, min(READ_CHUNK, f.stat().st_size - offset))
-                  for f in files for offset in range(0, f.stat().st_size, READ_CHUNK)]
-        pool = concurrent.futures.ThreadPoolExecutor(READ_AHEAD_THREADS, thread_name_prefix="read-ahead")
-        reads = [pool.submit(self._read, *chunk) for chunk in chunks]
-        pool.shutdown(wait=False)
-        threading.Thread(target=self._finish, args=(reads,), daemon=True).start()
+        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
+        for f, size in zip(files, sizes, strict=True):
+            for offset in range(0, size, READ_CHUNK):
+                self._chunks.put((f, offset, min(READ_CHUNK, size - offset)))
+        self._read = [0] * READ_AHEAD_THREADS
+        readers = [threading.Thread(target=self._reader, args=(n,), daemon=True, name=f"read-ahead-{n}")
+                   for n in range(READ_AHEAD_THREADS if files else 0)]
+        for reader in readers:
+            reader.start()
+        threading.Thread(target=self._finish, args=(readers,), daemon=True).start()
 
     def stop(self, why: str) -> None:
         if not self._stop.is_set():
@@ -145,27 +151,34 @@ class Reading:
     def result(self, timeout: float | None = None) -> int:
         return self._done.result(timeout)
 
-    def _read(self, path: Path, offset: int, length: int) -> int:
-        if self._stop.is_set():
-            return 0
-        buffer, read = bytearray(min(length, 16 * 1024**2)), 0
-        with open(path, "rb", buffering=0) as fh:
-            fh.seek(offset)
-            while read < length and (n := fh.readinto(memoryview(buffer)[:min(len(buffer), length - read)])):
-                read += n
-        return read
-
-    def _finish(self, reads: list[concurrent.futures.Future]) -> None:
+    def _reader(self, n: int) -> None:
+        buffer = memoryview(bytearray(16 * 1024**2))
         try:
-            done = sum(r.result() for r in reads)
-        except OSError as err:  # a file gone or unreadable: the loader meets it and says so; this is only a speed-up
-            log.warning("reading %s ahead failed (%s); the loader reads the files itself", self.what, err)
-            done = 0
-        seconds = time.perf_counter() - self._start
-        if self._stop.is_set() or done < self.total:
-            with _CLAIMS_LOCK:  # a later read_ahead reads them after all
-                _CLAIMED.difference_update(self.files)
-        if self._stop.is_set():
+            while not self._stop.is_set():
+                try:
+                    path, offset, length = self._chunks.get_nowait()
+                except queue.Empty:
+                    return
+                with open(path, "rb", buffering=0) as fh:
+                    fh.seek(offset)
+                    left = length
+                    while left and (got := fh.readinto(buffer[:min(len(buffer), left)])):
+                        left -= got
+                        self._read[n] += got
+        except Exception as err:  # noqa: BLE001 - only a speed-up: the loader reads the files and reports their faults
+            self._failed = f"{type(err).__name__}: {first_line(err)}"
+            self._stop.set()  # the chunks still queued are left to the loader
+
+    def _finish(self, readers: list[threading.Thread]) -> None:
+        for reader in readers:
+            reader.join()
+        done, seconds = sum(self._read), time.perf_counter() - self._start
+        with _CLAIMS_LOCK:  # only a read in flight needs its files to itself; a later load may read them again
+            _CLAIMED.difference_update(self.files)
+        if self._failed:
+            log.warning("reading %s ahead failed after %.1f GB (%s); the loader reads the rest itself", self.what,
+                        done / 1e9, self._failed)
+        elif self._stop.is_set():
             log.info("stopped reading %s ahead after %.1f of %.1f GB: %s", self.what, done / 1e9, self.total / 1e9,
                      self._why_stopped)
         elif self.files:
@@ -174,18 +187,19 @@ class Reading:
         self._done.set_result(done)
 
 
-_CLAIMED: set[Path] = set()  # files a Reading took on and did not stop short of: not read ahead again
+_CLAIMED: set[Path] = set()  # files a Reading is reading: another read_ahead of them leaves them to it
 _CLAIMS_LOCK = threading.Lock()
 
 
 def read_ahead(folder: str, subfolders: Iterable[str], what: str | None = None, guess: bool = False,
                why: str = "") -> Reading:
     """Start reading a model's weight files (the .safetensors of `subfolders`, in that order) into the page
-    cache; returns at once. Files another Reading took on (and did not stop short of) are left to it: in this
-    process a file is read ahead once. Nothing is read when the files would not fit beside what memory is
+    cache; returns at once. Files another Reading is still reading are left to it (the loader's own call,
+    while the start-up read runs). Nothing is read when the files would not fit beside what memory is
     free: the read would evict its own first bytes before the loader came."""
     what = what or Path(folder).name
-    wanted = [f for sub in subfolders for f in sorted((Path(folder) / sub).glob("*.safetensors"))]
+    # is_file: a broken link (a half-fetched cache) is the loader's to report, in its own sentence.
+    wanted = [f for sub in subfolders for f in sorted((Path(folder) / sub).glob("*.safetensors")) if f.is_file()]
     with _CLAIMS_LOCK:
         files = [f for f in wanted if f not in _CLAIMED]
         total = sum(f.stat().st_size for f in files)
@@ -198,20 +212,34 @@ def read_ahead(folder: str, subfolders: Iterable[str], what: str | None = None, 
     if files:
         log.info("reading %s ahead: %.1f GB in %d files of %s%s", what, total / 1e9, len(files),
                  ", ".join(dict.fromkeys(f.parent.name for f in files)), f", {why}" if why else "")
-    return Reading(what, files, guess)
+    try:
+        return Reading(what, files, guess)
+    except BaseException:
+        with _CLAIMS_LOCK:
+            _CLAIMED.difference_update(files)
+        raise
 
 
 def free_memory() -> int:
     """Bytes a read into the page cache may fill: the machine's free memory, or what the container's memory limit
-    leaves (cgroup v2, or v1), when that is less: past it the kernel drops the container's oldest cached pages."""
+    leaves (cgroup v2, or v1), when that is less: past it the kernel drops the container's oldest cached pages.
+    The container's usage counts its page cache; its inactive part is what a read may take over."""
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    for limit, used in (("memory.max", "memory.current"),
-                        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    for limit, used, stat, reclaimable in (("memory.max", "memory.current", "memory.stat", "inactive_file"),
+                                           ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+                                            "memory/memory.stat", "total_inactive_file")):
         try:
             cap, usage = (CGROUP / limit).read_text().strip(), int((CGROUP / used).read_text())
         except (OSError, ValueError):
             continue
-        return min(free, int(cap) - usage) if cap.isdigit() else free  # "max": no limit
+        if not cap.isdigit():  # "max": no limit
+            return free
+        try:
+            stats = dict(line.split() for line in (CGROUP / stat).read_text().splitlines() if line.count(" ") == 1)
+            usage -= int(stats.get(reclaimable, 0))
+        except (OSError, ValueError):
+            pass
+        return min(free, int(cap) - usage)
     return free
 
 
@@ -219,19 +247,37 @@ def reads_at_start(settings: Settings) -> dict[str, Reading]:
     """What a new worker starts reading before anything else (Python's imports of torch and diffusers take
     seconds): the Wan files when Wan loads at start-up (PRELOAD_MODELS, WAN_COMPILE), or, when no model loads at
     start-up, as a guess that the first job is a video (an image job stops it). Weights that are not on this
-    worker yet are fetched by the load, not read here."""
-    wan_at_start = "wan" in settings.preload or settings.wan_compile
+    worker yet are fetched by the load, not read here. Never raises: it is only a speed-up."""
     nothing_at_start = not (settings.preload or settings.wan_compile or settings.sdxl_compile)
-    if not (wan_at_start or nothing_at_start):
+    if not (_wan_at_start(settings) or nothing_at_start):
         return {}
+    why = "as Wan loads at start-up" if _wan_at_start(settings) else "as a guess that the first job is a video"
     try:
         folder = local_folder("wan-i2v", settings.wan_model_id, download=False, model_dir=settings.model_dir)
-    except ModelUnavailable:
+        return {"wan": read_ahead(folder, wan_parts(folder, settings.wan_fp8), "Wan2.1 I2V",
+                                  guess=not _wan_at_start(settings), why=f"from the process start ({why})")}
+    except ModelUnavailable:  # not on this worker: the load fetches it, or says why it cannot
         return {}
-    why = "as Wan loads at start-up" if wan_at_start else "as a guess that the first job is a video"
-    reading = read_ahead(folder, wan_parts(folder, settings.wan_fp8), "Wan2.1 I2V", guess=not wan_at_start,
-                         why=f"from the process start ({why})")
-    return {"wan": reading}
+    except Exception as err:  # noqa: BLE001 - a speed-up must never stop a worker from starting
+        log.warning("not reading Wan2.1 I2V ahead at start-up (%s: %s)", type(err).__name__, first_line(err))
+        return {}
+
+
+def revise_reads(reading: dict[str, Reading], settings: Settings) -> None:
+    """The start-up read against the settings as the plan decided them (it may turn WAN_FP8 or WAN_COMPILE off
+    for this GPU): a read of a transformer the load will not use stops; one for a Wan that no longer loads at
+    start-up becomes a guess, which an image job stops."""
+    wan = reading.get("wan")
+    if wan is None or not wan.files:
+        return
+    folder = wan.files[0].parent
+    if folder.name != wan_parts(str(folder.parent), settings.wan_fp8)[0]:
+        wan.stop(f"WAN_FP8 is off on this GPU, so the load reads {wan_parts(str(folder.parent), False)[0]}/")
+    wan.guess = wan.guess or not _wan_at_start(settings)
+
+
+def _wan_at_start(settings: Settings) -> bool:
+    return "wan" in settings.preload or settings.wan_compile
 
 
 def wan_parts(folder: str, fp8: bool) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import logs
+import weights
 from errors import DeliveryError, GenerationError, InputError, ResourceError, internal_error
 from jobs import Ready, prepare
 from model_handler import ModelHandler
@@ -140,5 +141,6 @@ def build_worker(settings: Settings, reading: dict[str, Reading] | None = None) 
     setup that cannot run."""
     plan = decide(settings)
     log_plan(plan)
+    weights.revise_reads(reading or {}, plan.settings)
     logs.quiet_third_party()
     return Worker(plan.settings, ModelHandler(plan, reading or {}))

@@ -172,9 +172,10 @@ class WanModel(Model):
         # only tunes the kernels' launch heuristics, hence the default one on a GPU. On CPU (the tests) the
         # smallest shape keeps the same path to seconds.
         height, width, frames = (480, 832, 81) if self.device.type == "cuda" else (64, 64, 5)
-        self.pipe(image=Image.new("RGB", (width, height)), prompt="warm-up", height=height, width=width,
-                  num_frames=frames, num_inference_steps=1, generator=torch.Generator("cpu").manual_seed(0),
-                  output_type="latent")
+        with self._offloaded_on_failure():
+            self.pipe(image=Image.new("RGB", (width, height)), prompt="warm-up", height=height, width=width,
+                      num_frames=frames, num_inference_steps=1, generator=torch.Generator("cpu").manual_seed(0),
+                      output_type="latent")
 
     def _new_loras(self) -> PipelineLoras:
         # Fused adapters are unloaded, so the compiled blocks still match.

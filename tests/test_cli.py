@@ -38,7 +38,6 @@ def test_test_input_flag_runs_one_job_and_writes_the_video(tiny_env, tmp_path):
                         lines[0]), lines
     assert lines.index(next(x for x in lines if x.startswith("read Wan2.1 I2V ahead: "))) < \
         lines.index(next(x for x in lines if x.startswith("Wan2.1 I2V loaded on cpu")))
-    assert sum(x.startswith("reading Wan2.1 I2V ahead") for x in lines) == 1  # the load does not read them again
 
 
 def test_test_input_flag_reports_a_bad_request_and_exits_nonzero(tiny_env, tmp_path):
@@ -58,3 +57,15 @@ def test_readme_demo_command_writes_a_playable_video(tmp_path):
     # test_input.json's 4:3 picture -> 720x544 inside Wan's 480x832 area.
     assert (video["frames"], video["fps"], video["width"], video["height"]) == (job["num_frames"], 16, 720, 544)
     assert video["codec"].startswith("h264") and video["pix_fmt"].startswith("yuv420p")
+
+
+def test_a_bad_setting_stops_the_start_with_one_line_and_exit_code_2(tiny_env):
+    """A setting that cannot work, found while reading the settings or when the plan meets the device (several
+    GPUs asked for on a machine without one, after the start-up read has begun): one line, exit code 2 (RunPod
+    shows the worker as failed), and no wait for the weights being read ahead."""
+    for bad, says in (({"MAX_INLINE_MB": "lots"}, "MAX_INLINE_MB"),
+                      ({"NUM_GPUS": "2", "WAN_COMPILE": "1"}, "cannot be combined with WAN_COMPILE=1")):
+        out = run([sys.executable, "handler.py"], tiny_env | bad, timeout=120)
+        errors = [line for line in (out.stdout + out.stderr).splitlines() if " ERROR " in line]
+        assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+        assert len(errors) == 1 and says in errors[0], errors

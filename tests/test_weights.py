@@ -259,7 +259,44 @@ def test_a_worker_reads_the_wan_weights_from_its_start_and_an_image_job_stops_th
                      caplog.text), caplog.text
     assert "as a guess that the first job is a video" in caplog.text
     # The files are free again: a video job's load reads them itself.
-    assert weights.read_ahead(str(folder), weights.wan_parts(str(folder), False)).total == 4_000_000_000
+    again = weights.read_ahead(str(folder), weights.wan_parts(str(folder), False))
+    assert again.total == 4_000_000_000
+    again.stop("the test is over")
+    again.result(timeout=60)
+
+
+def test_the_loader_leaves_files_to_the_start_up_read_that_is_reading_them(tmp_path):
+    """While the start-up read is under way, the load's own read_ahead of the same files reads nothing again;
+    once it has ended, a later load (Wan unloaded for SDXL, say) reads them ahead anew."""
+    folder = sparse_model(tmp_path / "wan", 4.0)
+    first = weights.read_ahead(str(folder), ("transformer",))
+    assert weights.read_ahead(str(folder), ("transformer",)).result(timeout=60) == 0
+    first.stop("the test saw enough")
+    first.result(timeout=60)
+    later = weights.read_ahead(str(folder), ("transformer",))
+    assert later.total == 4_000_000_000
+    later.stop("the test is over")
+    later.result(timeout=60)
+
+
+def test_the_plan_revises_the_start_up_read(tmp_path, caplog):
+    """WAN_FP8 turned off for this GPU: a read of the stored float8 transformer stops (the load reads the bf16
+    one); WAN_COMPILE turned off: Wan no longer loads at start-up, so the read becomes a guess."""
+    from settings import load_settings
+
+    folder = sparse_model(tmp_path / "wan", 4.0)
+    (folder / "transformer-fp8").mkdir()
+    with open(folder / "transformer-fp8" / "diffusion_pytorch_model.safetensors", "wb") as fh:
+        fh.truncate(2 * 10**9)
+    caplog.set_level("INFO", logger="worker")
+    reading = weights.reads_at_start(load_settings({"WAN_MODEL_ID": str(folder), "WAN_FP8": "1",
+                                                    "WAN_COMPILE": "1"}))
+    assert not reading["wan"].guess
+    weights.revise_reads(reading, load_settings({"WAN_MODEL_ID": str(folder)}))
+    assert reading["wan"].guess
+    assert reading["wan"].result(timeout=60) < 2 * 10**9
+    assert "stopped reading Wan2.1 I2V ahead after" in caplog.text
+    assert "WAN_FP8 is off on this GPU, so the load reads transformer/" in caplog.text
 
 
 def test_what_a_new_worker_reads_first_follows_what_it_loads_at_start(tmp_path):
@@ -292,10 +329,23 @@ def test_a_read_ahead_that_would_not_fit_in_the_containers_memory_is_not_started
     cgroup = tmp_path / "cgroup"
     cgroup.mkdir()
     (cgroup / "memory.max").write_text(f"{700 * 10**6}\n")
-    (cgroup / "memory.current").write_text(f"{100 * 10**6}\n")
+    (cgroup / "memory.current").write_text(f"{300 * 10**6}\n")
+    (cgroup / "memory.stat").write_text(f"anon 100000000\ninactive_file {200 * 10**6}\n")  # cached: reclaimable
     monkeypatch.setattr(weights, "CGROUP", cgroup)
     caplog.set_level("INFO", logger="worker")
     assert weights.read_ahead(str(folder), ("transformer",), "Wan2.1 I2V").result(timeout=30) == 0
     assert "not reading Wan2.1 I2V ahead: its 0.5 GB would not fit in the 0.6 GB of free memory" in caplog.text
     (cgroup / "memory.max").write_text("max\n")  # no limit: the machine's free memory decides
     assert weights.read_ahead(str(folder), ("transformer",), "Wan2.1 I2V").result(timeout=30) == 500_000_000
+
+
+def test_a_broken_weight_file_link_is_left_to_the_loader_and_the_rest_is_read(tmp_path):
+    """A cache snapshot whose link points at a blob that is not there (a fetch cut short): the start-up read skips
+    it instead of failing the worker's start; the loader meets it and says what is wrong."""
+    from settings import load_settings
+
+    folder = sparse_model(tmp_path / "wan", 0.01)
+    (folder / "transformer" / "other.safetensors").symlink_to(tmp_path / "blobs" / "gone")
+    reading = weights.reads_at_start(load_settings({"WAN_MODEL_ID": str(folder)}))["wan"]
+    assert reading.result(timeout=60) == 10_000_000
+    assert [f.name for f in reading.files] == ["diffusion_pytorch_model.safetensors"]
