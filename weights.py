@@ -1,4 +1,4 @@
-"""Where each model's weights are, and fetching the missing ones once.
+"""Where each model's weights are, fetching the missing ones once, and reading them from disk ahead of the loader.
 
 `local_folder(name, location, download)` returns the folder a model loads from, looking in order at:
 the location settings give (SDXL_MODEL_ID / SDXL_REFINER_ID / SDXL_VAE_ID / WAN_MODEL_ID: a folder,
@@ -9,6 +9,10 @@ once with `snapshot_download` (unless WEIGHTS_DOWNLOAD=0) into the HF cache: on 
 when one is mounted, else on the container disk; the log gets a progress line every few seconds.
 Weights that cannot be had raise `ModelUnavailable` with one sentence naming the model, the places
 looked at and the fix. download_weights.py fetches from the same table (REAL_MODELS).
+
+`read_ahead` reads a model's files into the page cache in parallel chunks while diffusers reads them in
+order; `reads_at_start` starts that for Wan before the worker's imports (handler.main), and
+`revise_reads` adjusts it to the plan.
 """
 
 from __future__ import annotations
