@@ -17,7 +17,7 @@ import os
 import sys
 
 import logs
-import weights
+import readahead
 from errors import SettingsError
 from settings import load_settings
 
@@ -31,7 +31,7 @@ def main() -> None:
     except SettingsError as err:
         log.error("%s", err)
         sys.exit(2)
-    reading = weights.reads_at_start(settings)
+    reading = readahead.at_start(settings)
     # torch, diffusers and the worker's own modules: seconds of imports while the weights come off the disk.
     from folders import check_folders
     from storage import PayloadFilter

@@ -16,7 +16,7 @@ from models.base import free_memory
 from models.sdxl import SdxlModel
 from models.wan import VideoModel, WanModel
 from plan import Plan
-from weights import Reading
+from readahead import Reading
 
 log = logging.getLogger("worker")
 

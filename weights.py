@@ -1,4 +1,4 @@
-"""Where each model's weights are, fetching the missing ones once, and reading them from disk ahead of the loader.
+"""Where each model's weights are, and fetching the missing ones once.
 
 `local_folder(name, location, download)` returns the folder a model loads from, looking in order at:
 the location settings give (SDXL_MODEL_ID / SDXL_REFINER_ID / SDXL_VAE_ID / WAN_MODEL_ID: a folder,
@@ -9,27 +9,19 @@ once with `snapshot_download` (unless WEIGHTS_DOWNLOAD=0) into the HF cache: on 
 when one is mounted, else on the container disk; the log gets a progress line every few seconds.
 Weights that cannot be had raise `ModelUnavailable` with one sentence naming the model, the places
 looked at and the fix. download_weights.py fetches from the same table (REAL_MODELS).
-
-`read_ahead` reads a model's files into the page cache in parallel chunks while diffusers reads them in
-order; `reads_at_start` starts that for Wan before the worker's imports (handler.main), and
-`revise_reads` adjusts it to the plan.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import os
-import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from errors import ModelUnavailable, first_line
-from settings import Settings
 
 log = logging.getLogger("worker")
 
@@ -55,9 +47,6 @@ REAL_MODELS: dict[str, dict] = {
 }
 GROUPS = {"sdxl": ["sdxl-base", "sdxl-refiner", "sdxl-vae"], "wan": ["wan-i2v"]}
 VOLUME = Path("/runpod-volume")  # RunPod mounts the network volume and its cached models here
-CGROUP = Path("/sys/fs/cgroup")  # the container's memory limit, where the kernel shows it
-READ_AHEAD_THREADS = 8  # parallel readers of the weight files (an NVMe disk serves several streams faster)
-READ_CHUNK = 64 * 1024**2  # bytes one reader takes at a time
 WAN_PARTS = ("transformer", "image_encoder", "vae", "text_encoder")  # the subfolders a Wan load reads, in order
 FLOAT8_TRANSFORMER = "transformer-fp8"  # beside "transformer": the float8 transformer download_weights.py --fp8 stores
 PROGRESS_EVERY_S = 10.0  # a progress line at least this often ...
@@ -120,168 +109,6 @@ def local_folder(name: str, location: str, download: bool, model_dir: str = "/mo
         reason = f"{type(err).__name__}: {first_line(err)}"
         raise ModelUnavailable(f"The weights of {location} ({spec['env']}) are not on this worker (looked in "
                            f"{looked}) and fetching them failed ({reason}); {fixes}.") from err
-
-
-class Reading:
-    """Weight files being read into the page cache by a few threads, in the order a loader reads them: each file
-    in chunks, several chunks at once, so the front of the read moves at the disk's speed (one stream is slower
-    on an NVMe disk) and a loader following behind finds its next bytes in memory. `stop()` ends it after the
-    chunks in flight; `result()` gives the bytes read. One line in the log when it ends. The readers are daemon
-    threads: a worker that exits (a bad setting, the end of a local test) does not wait for them."""
-
-    def __init__(self, what: str, files: list[Path], guess: bool = False) -> None:
-        self.what, self.files, self.guess = what, files, guess
-        sizes = [f.stat().st_size for f in files]
-        self.total = sum(sizes)
-        self._stop, self._why_stopped, self._failed = threading.Event(), "", ""
-        self._start = time.perf_counter()
-        self._done: concurrent.futures.Future = concurrent.futures.Future()
-        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
-        for f, size in zip(files, sizes, strict=True):
-            for offset in range(0, size, READ_CHUNK):
-                self._chunks.put((f, offset, min(READ_CHUNK, size - offset)))
-        self._read = [0] * READ_AHEAD_THREADS
-        readers = [threading.Thread(target=self._reader, args=(n,), daemon=True, name=f"read-ahead-{n}")
-                   for n in range(READ_AHEAD_THREADS if files else 0)]
-        for reader in readers:
-            reader.start()
-        threading.Thread(target=self._finish, args=(readers,), daemon=True).start()
-
-    def stop(self, why: str) -> None:
-        if not self._stop.is_set():
-            self._why_stopped = why
-            self._stop.set()
-
-    def result(self, timeout: float | None = None) -> int:
-        return self._done.result(timeout)
-
-    def _reader(self, n: int) -> None:
-        buffer = memoryview(bytearray(16 * 1024**2))
-        try:
-            while not self._stop.is_set():
-                try:
-                    path, offset, length = self._chunks.get_nowait()
-                except queue.Empty:
-                    return
-                with open(path, "rb", buffering=0) as fh:
-                    fh.seek(offset)
-                    left = length
-                    while left and (got := fh.readinto(buffer[:min(len(buffer), left)])):
-                        left -= got
-                        self._read[n] += got
-        except Exception as err:  # noqa: BLE001 - only a speed-up: the loader reads the files and reports their faults
-            self._failed = f"{type(err).__name__}: {first_line(err)}"
-            self._stop.set()  # the chunks still queued are left to the loader
-
-    def _finish(self, readers: list[threading.Thread]) -> None:
-        for reader in readers:
-            reader.join()
-        done, seconds = sum(self._read), time.perf_counter() - self._start
-        with _CLAIMS_LOCK:  # only a read in flight needs its files to itself; a later load may read them again
-            _CLAIMED.difference_update(self.files)
-        if self._failed:
-            log.warning("reading %s ahead failed after %.1f GB (%s); the loader reads the rest itself", self.what,
-                        done / 1e9, self._failed)
-        elif self._stop.is_set():
-            log.info("stopped reading %s ahead after %.1f of %.1f GB: %s", self.what, done / 1e9, self.total / 1e9,
-                     self._why_stopped)
-        elif self.files:
-            log.info("read %s ahead: %.1f GB in %.1f s (%.2f GB/s, %d readers)", self.what, done / 1e9, seconds,
-                     done / 1e9 / max(seconds, 1e-9), READ_AHEAD_THREADS)
-        self._done.set_result(done)
-
-
-_CLAIMED: set[Path] = set()  # files a Reading is reading: another read_ahead of them leaves them to it
-_CLAIMS_LOCK = threading.Lock()
-
-
-def read_ahead(folder: str, subfolders: Iterable[str], what: str | None = None, guess: bool = False,
-               why: str = "") -> Reading:
-    """Start reading a model's weight files (the .safetensors of `subfolders`, in that order) into the page
-    cache; returns at once. Files another Reading is still reading are left to it (the loader's own call,
-    while the start-up read runs). Nothing is read when the files would not fit beside what memory is
-    free: the read would evict its own first bytes before the loader came."""
-    what = what or Path(folder).name
-    # is_file: a broken link (a half-fetched cache) is the loader's to report, in its own sentence.
-    wanted = [f for sub in subfolders for f in sorted((Path(folder) / sub).glob("*.safetensors")) if f.is_file()]
-    with _CLAIMS_LOCK:
-        files = [f for f in wanted if f not in _CLAIMED]
-        total = sum(f.stat().st_size for f in files)
-        free = free_memory()
-        if total > 0.6 * free:
-            log.info("not reading %s ahead: its %.1f GB would not fit in the %.1f GB of free memory", what,
-                     total / 1e9, free / 1e9)
-            files = []
-        _CLAIMED.update(files)
-    if files:
-        log.info("reading %s ahead: %.1f GB in %d files of %s%s", what, total / 1e9, len(files),
-                 ", ".join(dict.fromkeys(f.parent.name for f in files)), f", {why}" if why else "")
-    try:
-        return Reading(what, files, guess)
-    except BaseException:
-        with _CLAIMS_LOCK:
-            _CLAIMED.difference_update(files)
-        raise
-
-
-def free_memory() -> int:
-    """Bytes a read into the page cache may fill: the machine's free memory, or what the container's memory limit
-    leaves (cgroup v2, or v1), when that is less: past it the kernel drops the container's oldest cached pages.
-    The container's usage counts its page cache; its inactive part is what a read may take over."""
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    for limit, used, stat, reclaimable in (("memory.max", "memory.current", "memory.stat", "inactive_file"),
-                                           ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
-                                            "memory/memory.stat", "total_inactive_file")):
-        try:
-            cap, usage = (CGROUP / limit).read_text().strip(), int((CGROUP / used).read_text())
-        except (OSError, ValueError):
-            continue
-        if not cap.isdigit():  # "max": no limit
-            return free
-        try:
-            stats = dict(line.split() for line in (CGROUP / stat).read_text().splitlines() if line.count(" ") == 1)
-            usage -= int(stats.get(reclaimable, 0))
-        except (OSError, ValueError):
-            pass
-        return min(free, int(cap) - usage)
-    return free
-
-
-def reads_at_start(settings: Settings) -> dict[str, Reading]:
-    """What a new worker starts reading before anything else (Python's imports of torch and diffusers take
-    seconds): the Wan files when Wan loads at start-up (PRELOAD_MODELS, WAN_COMPILE), or, when no model loads at
-    start-up, as a guess that the first job is a video (an image job stops it). Weights that are not on this
-    worker yet are fetched by the load, not read here. Never raises: it is only a speed-up."""
-    nothing_at_start = not (settings.preload or settings.wan_compile or settings.sdxl_compile)
-    if not (_wan_at_start(settings) or nothing_at_start):
-        return {}
-    why = "as Wan loads at start-up" if _wan_at_start(settings) else "as a guess that the first job is a video"
-    try:
-        folder = local_folder("wan-i2v", settings.wan_model_id, download=False, model_dir=settings.model_dir)
-        return {"wan": read_ahead(folder, wan_parts(folder, settings.wan_fp8), "Wan2.1 I2V",
-                                  guess=not _wan_at_start(settings), why=f"from the process start ({why})")}
-    except ModelUnavailable:  # not on this worker: the load fetches it, or says why it cannot
-        return {}
-    except Exception as err:  # noqa: BLE001 - a speed-up must never stop a worker from starting
-        log.warning("not reading Wan2.1 I2V ahead at start-up (%s: %s)", type(err).__name__, first_line(err))
-        return {}
-
-
-def revise_reads(reading: dict[str, Reading], settings: Settings) -> None:
-    """The start-up read against the settings as the plan decided them (it may turn WAN_FP8 or WAN_COMPILE off
-    for this GPU): a read of a transformer the load will not use stops; one for a Wan that no longer loads at
-    start-up becomes a guess, which an image job stops."""
-    wan = reading.get("wan")
-    if wan is None or not wan.files:
-        return
-    folder = wan.files[0].parent
-    if folder.name != wan_parts(str(folder.parent), settings.wan_fp8)[0]:
-        wan.stop(f"WAN_FP8 is off on this GPU, so the load reads {wan_parts(str(folder.parent), False)[0]}/")
-    wan.guess = wan.guess or not _wan_at_start(settings)
-
-
-def _wan_at_start(settings: Settings) -> bool:
-    return "wan" in settings.preload or settings.wan_compile
 
 
 def wan_parts(folder: str, fp8: bool) -> tuple[str, ...]:

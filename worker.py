@@ -17,17 +17,17 @@ import time
 from typing import Any
 
 import logs
-import weights
+import readahead
 from errors import DeliveryError, GenerationError, InputError, ResourceError, internal_error
 from jobs import Ready, prepare
 from model_handler import ModelHandler
 from models.base import Cancelled, Progress, free_memory
 from plan import decide, log_plan
+from readahead import Reading
 from schemas import Job, VideoJob
 from settings import Settings
 from storage import Artifact, deliver, save_local
 from video_utils import Mp4Stream, png_bytes
-from weights import Reading
 
 log = logging.getLogger("worker")
 
@@ -141,6 +141,6 @@ def build_worker(settings: Settings, reading: dict[str, Reading] | None = None) 
     setup that cannot run."""
     plan = decide(settings)
     log_plan(plan)
-    weights.revise_reads(reading or {}, plan.settings)
+    readahead.revise(reading or {}, plan.settings)
     logs.quiet_third_party()
     return Worker(plan.settings, ModelHandler(plan, reading or {}))

@@ -34,7 +34,7 @@ from pathlib import Path
 from bench import DEFAULT_MODELS, RESULTS, ROOT, meta, video_input, worker_env
 
 import download_weights
-import weights
+import readahead
 
 # gpu_session.sh's speed switches (its SPEED), so that "speed-cached" finds the cache `goals` wrote.
 SPEED = {"WAN_FP8": "1", "WAN_FP8_ATTENTION": "1", "WAN_COMPILE": "1", "WAN_VAE_DTYPE": "bfloat16"}
@@ -122,7 +122,7 @@ def timeline(log: str, start: float, steps: int) -> dict[str, float]:
 
 def disk(paths: list[Path], limit_gb: float) -> dict:
     """The disk's read speed for these files (the first limit_gb of them), page cache evicted before each read:
-    one sequential stream as `cat` reads, and the worker's read-ahead (weights.Reading)."""
+    one sequential stream as `cat` reads, and the worker's read-ahead (readahead.Reading)."""
     files, total = [], 0
     for path in paths:
         if total < limit_gb * 1e9:
@@ -138,9 +138,9 @@ def disk(paths: list[Path], limit_gb: float) -> dict:
     out["sequential_gb_per_s"] = round(total / 1e9 / (time.perf_counter() - start), 2)
     evict(files)
     start = time.perf_counter()
-    weights.Reading("disk probe", files).result()
+    readahead.Reading("disk probe", files).result()
     out["read_ahead_gb_per_s"] = round(total / 1e9 / (time.perf_counter() - start), 2)
-    out["read_ahead_readers"] = weights.READ_AHEAD_THREADS
+    out["read_ahead_readers"] = readahead.READ_AHEAD_THREADS
     return out
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import readahead
 import weights
 from loras import PipelineLoras
 from models import float8
@@ -106,7 +107,7 @@ class WanModel(Model):
         stored_fp8 = self._read[0] == float8.FOLDER
         # The files come off the disk several chunks at a time while diffusers reads them one after another
         # (those a start-up read already took on are left to it).
-        weights.read_ahead(model_id, self._read, "Wan2.1 I2V")
+        readahead.start(model_id, self._read, "Wan2.1 I2V")
         low = self._dtype(torch.bfloat16)
         # Resident weights load straight into GPU memory instead of through a CPU copy; the transformer
         # comes first and is quantized there at once (float8 implies "full"), so float8 loads at disk speed too.
