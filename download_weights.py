@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 # The table of real models and the retry wrapper are shared with the worker, which fetches missing weights itself.
-from weights import GROUPS, REAL_MODELS, with_retries
+from weights import FLOAT8_TRANSFORMER, GROUPS, REAL_MODELS, with_retries
 
 # Wan components the worker runs in bf16 but the hub stores in float32; the others stay as stored
 # (the VAE and CLIP image encoder run in float32, as the model card says).
@@ -99,12 +99,12 @@ def store_fp8(folder: Path) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     transformer = WanTransformer3DModel.from_pretrained(str(folder / "transformer"), dtype=torch.bfloat16).to(device)
     float8.quantize(transformer)
-    tmp, target = folder / (float8.FOLDER + ".tmp"), folder / float8.FOLDER
+    tmp, target = folder / (FLOAT8_TRANSFORMER + ".tmp"), folder / FLOAT8_TRANSFORMER
     shutil.rmtree(tmp, ignore_errors=True)
     float8.save(transformer, tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # whole or absent: the worker never reads a half-written one
-    print(f"{folder.name}/{float8.FOLDER}: written in {time.perf_counter() - start:.0f}s", flush=True)
+    print(f"{folder.name}/{FLOAT8_TRANSFORMER}: written in {time.perf_counter() - start:.0f}s", flush=True)
 
 
 def is_compact_wan(folder: Path) -> bool:

@@ -28,22 +28,18 @@ def main() -> None:
     logs.set_up()
     try:
         settings = load_settings(os.environ)
-    except SettingsError as err:
-        log.error("%s", err)
-        sys.exit(2)
-    reading = readahead.at_start(settings)
-    # torch, diffusers and the worker's own modules: seconds of imports while the weights come off the disk.
-    from folders import check_folders
-    from storage import PayloadFilter
-    from video_utils import remove_leftovers
-    from worker import build_worker, local_handler
+        reading = readahead.at_start(settings)
+        # torch, diffusers and the worker's own modules: seconds of imports while the weights come off the disk.
+        from folders import check_folders
+        from storage import PayloadFilter
+        from video_utils import remove_leftovers
+        from worker import build_worker, local_handler
 
-    log.addFilter(PayloadFilter())  # no megabytes of base64 in the worker's own lines
-    log.info("start-up: imports %.1f s (process start to here)", logs.seconds_since_start())
-    log.info("worker settings: %s", settings.summary())
-    try:
+        log.addFilter(PayloadFilter())  # no megabytes of base64 in the worker's own lines
+        log.info("start-up: imports %.1f s (process start to here)", logs.seconds_since_start())
+        log.info("worker settings: %s", settings.summary())
         worker = build_worker(settings, reading)
-    except SettingsError as err:  # parallel's ParallelError too
+    except SettingsError as err:  # a setting that cannot work (parallel's ParallelError too): one line, exit 2
         log.error("%s", err)
         sys.exit(2)
     local_test = "--rp_serve_api" not in sys.argv and not settings.on_runpod

@@ -56,7 +56,7 @@ class ModelHandler:
         seconds: dict[str, float] = {}
         for mode, model in (("image", self.sdxl), ("video", self.wan)):
             name = model.name
-            if name not in self.settings.preload and not model.compiled:
+            if not self.settings.loads_at_start(name):
                 continue
             try:
                 _, seconds[f"{name}_load_s"] = self.model(mode)

@@ -103,7 +103,7 @@ _CLAIMS_LOCK = threading.Lock()
 
 
 def start(folder: str, subfolders: Iterable[str], what: str | None = None, guess: bool = False,
-               why: str = "") -> Reading:
+          why: str = "") -> Reading:
     """Start reading a model's weight files (the .safetensors of `subfolders`, in that order) into the page
     cache; returns at once. Files another Reading is still reading are left to it (the loader's own call,
     while the start-up read runs). Nothing is read when the files would not fit beside what memory is
@@ -159,14 +159,14 @@ def at_start(settings: Settings) -> dict[str, Reading]:
     seconds): the Wan files when Wan loads at start-up (PRELOAD_MODELS, WAN_COMPILE), or, when no model loads at
     start-up, as a guess that the first job is a video (an image job stops it). Weights that are not on this
     worker yet are fetched by the load, not read here. Never raises: it is only a speed-up."""
-    nothing_at_start = not (settings.preload or settings.wan_compile or settings.sdxl_compile)
-    if not (_wan_at_start(settings) or nothing_at_start):
+    wan_at_start = settings.loads_at_start("wan")
+    if not (wan_at_start or not settings.loads_at_start("sdxl")):
         return {}
-    why = "as Wan loads at start-up" if _wan_at_start(settings) else "as a guess that the first job is a video"
+    why = "as Wan loads at start-up" if wan_at_start else "as a guess that the first job is a video"
     try:
         folder = weights.local_folder("wan-i2v", settings.wan_model_id, download=False, model_dir=settings.model_dir)
         return {"wan": start(folder, weights.wan_parts(folder, settings.wan_fp8), "Wan2.1 I2V",
-                                  guess=not _wan_at_start(settings), why=f"from the process start ({why})")}
+                             guess=not wan_at_start, why=f"from the process start ({why})")}
     except weights.ModelUnavailable:  # not on this worker: the load fetches it, or says why it cannot
         return {}
     except Exception as err:  # noqa: BLE001 - a speed-up must never stop a worker from starting
@@ -184,8 +184,4 @@ def revise(reading: dict[str, Reading], settings: Settings) -> None:
     folder = wan.files[0].parent
     if folder.name != weights.wan_parts(str(folder.parent), settings.wan_fp8)[0]:
         wan.stop(f"WAN_FP8 is off on this GPU, so the load reads {weights.wan_parts(str(folder.parent), False)[0]}/")
-    wan.guess = wan.guess or not _wan_at_start(settings)
-
-
-def _wan_at_start(settings: Settings) -> bool:
-    return "wan" in settings.preload or settings.wan_compile
+    wan.guess = wan.guess or not settings.loads_at_start("wan")

@@ -84,6 +84,11 @@ class Settings:
     # The step-distilled LoRA of the video preset "fast"; not logged, as its URL may carry a signed query.
     wan_fast_lora: str | None = field(default=None, repr=False)
 
+    def loads_at_start(self, model: str) -> bool:
+        """Whether model "sdxl" or "wan" loads at start-up: PRELOAD_MODELS names it, or its compile switch is on
+        (a compiled model warms up before the first job)."""
+        return model in self.preload or (self.wan_compile if model == "wan" else self.sdxl_compile)
+
     def summary(self) -> str:
         """The settings that differ from the defaults, as one short line for the start-up log (fields kept
         out of the repr are kept out of it too)."""

@@ -31,10 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import disk as disk_probe
 from bench import DEFAULT_MODELS, RESULTS, ROOT, meta, video_input, worker_env
 
 import download_weights
-import readahead
 
 # gpu_session.sh's speed switches (its SPEED), so that "speed-cached" finds the cache `goals` wrote.
 SPEED = {"WAN_FP8": "1", "WAN_FP8_ATTENTION": "1", "WAN_COMPILE": "1", "WAN_VAE_DTYPE": "bfloat16"}
@@ -121,27 +121,13 @@ def timeline(log: str, start: float, steps: int) -> dict[str, float]:
 
 
 def disk(paths: list[Path], limit_gb: float) -> dict:
-    """The disk's read speed for these files (the first limit_gb of them), page cache evicted before each read:
-    one sequential stream as `cat` reads, and the worker's read-ahead (readahead.Reading)."""
+    """The disk's read speed on the first limit_gb of these files: one stream against the worker's read-ahead."""
     files, total = [], 0
     for path in paths:
         if total < limit_gb * 1e9:
             files.append(path)
             total += path.stat().st_size
-    out: dict = {"gb": round(total / 1e9, 2), "files": len(files)}
-    evict(files)
-    start, buffer = time.perf_counter(), bytearray(16 * 1024**2)
-    for path in files:
-        with open(path, "rb", buffering=0) as fh:
-            while fh.readinto(buffer):
-                pass
-    out["sequential_gb_per_s"] = round(total / 1e9 / (time.perf_counter() - start), 2)
-    evict(files)
-    start = time.perf_counter()
-    readahead.Reading("disk probe", files).result()
-    out["read_ahead_gb_per_s"] = round(total / 1e9 / (time.perf_counter() - start), 2)
-    out["read_ahead_readers"] = readahead.READ_AHEAD_THREADS
-    return out
+    return disk_probe.measure(files)
 
 
 def run(config: str, shape: str, args: argparse.Namespace, scratch: Path, tag: str = "") -> dict:

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-import weights
 from errors import first_line
 
 # The self-check's bound on ||float8 - SDPA|| / ||SDPA||: about twice float8's rounding on random inputs
@@ -75,9 +74,6 @@ def quantize(transformer: torch.nn.Module) -> None:
         for child, layer in list(module.named_children()):
             if isinstance(layer, torch.nn.Linear) and f"{name}.{child}".startswith("blocks."):
                 setattr(module, child, Float8Linear.of(layer))
-
-
-FOLDER = weights.FLOAT8_TRANSFORMER  # beside "transformer" in a Wan folder: the float8 transformer `save` writes
 
 
 def save(transformer: torch.nn.Module, folder: Path) -> None:

@@ -104,7 +104,7 @@ class WanModel(Model):
         s = self.settings
         model_id = self.folder = weights.local_folder("wan-i2v", s.wan_model_id, s.weights_download, s.model_dir)
         self._read = weights.wan_parts(model_id, self.fp8)
-        stored_fp8 = self._read[0] == float8.FOLDER
+        stored_fp8 = self._read[0] == weights.FLOAT8_TRANSFORMER
         # The files come off the disk several chunks at a time while diffusers reads them one after another
         # (those a start-up read already took on are left to it).
         readahead.start(model_id, self._read, "Wan2.1 I2V")
@@ -114,7 +114,7 @@ class WanModel(Model):
         where = ({"device_map": str(self.device)} if self.device.type == "cuda" and self.placement.wan_profile == "full"
                  else {})
         with phases("weights"):
-            transformer = (float8.load(Path(model_id) / float8.FOLDER, self.device, low) if stored_fp8 else
+            transformer = (float8.load(Path(model_id) / self._read[0], self.device, low) if stored_fp8 else
                            WanTransformer3DModel.from_pretrained(model_id, subfolder="transformer", dtype=low,
                                                                  local_files_only=True, **where))
         if self.fp8 and not stored_fp8:
