@@ -12,6 +12,7 @@ nothing; `runpod.serverless.start` runs only under __main__.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import sys
@@ -25,6 +26,7 @@ log = logging.getLogger("worker")
 
 
 def main() -> None:
+    faulthandler.enable()  # a crash in native code (a segfault) leaves every thread's Python stack in the log
     logs.set_up()
     try:
         settings = load_settings(os.environ)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import datetime
+import faulthandler
 import io
 import logging
 import os
@@ -110,6 +111,7 @@ def start(plan: Plan, wan: WanModel) -> ParallelWan:
 def follower_main() -> None:
     """Ranks 1..N-1: build the models, then run what rank 0 sends until it says stop."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    faulthandler.enable()  # as in handler.main: a native crash leaves its Python stacks in the worker's log
     # Die with rank 0, whatever kills it; if it is already gone, never start.
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != int(os.environ["PARALLEL_PARENT_PID"]):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -39,30 +38,6 @@ import download_weights
 # gpu_session.sh's speed switches (its SPEED), so that "speed-cached" finds the cache `goals` wrote.
 SPEED = {"WAN_FP8": "1", "WAN_FP8_ATTENTION": "1", "WAN_COMPILE": "1", "WAN_VAE_DTYPE": "bfloat16"}
 CONFIGS = ("default", "speed-empty", "speed-cached", "plain")
-
-
-def evict(paths: list[Path], everything: bool = True) -> str:
-    """Drop these files from the page cache (and the whole cache where allowed); returns what was done."""
-    os.sync()  # dirty pages cannot be dropped
-    done = 0
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            done += 1
-        finally:
-            os.close(fd)
-    how = f"posix_fadvise(DONTNEED) on {done} files"
-    if not everything:
-        return how
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("1\n")
-        return how + " + drop_caches"
-    except OSError as err:
-        return how + f" (drop_caches: {err.strerror})"
 
 
 def files(*folders: Path) -> list[Path]:
@@ -153,7 +128,7 @@ def run(config: str, shape: str, args: argparse.Namespace, scratch: Path, tag: s
     else:
         job = video_input(dict(frames=frames, image=(width, height), size=size), num_inference_steps=args.steps)
         cmd = [sys.executable, "handler.py", "--test_input", json.dumps({"id": job_id, "input": job})]
-    rec["eviction"] = evict(files(args.models / "wan-i2v", args.cache_dir), everything=not args.tiny)
+    rec["eviction"] = disk_probe.evict(files(args.models / "wan-i2v", args.cache_dir), everything=not args.tiny)
     log_path = scratch / f"{job_id}.log"
     start = time.time()
     try:

@@ -20,19 +20,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import readahead  # noqa: E402
 
 
-def evict(paths: list[Path]) -> None:
-    """Drop these files from the page cache (and the whole cache where allowed, as root)."""
+def evict(paths: list[Path], everything: bool = True) -> str:
+    """Drop these files from the page cache (and the whole cache where allowed, as root); returns what was done."""
     os.sync()  # dirty pages cannot be dropped
+    done = 0
     for path in paths:
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            done += 1
         finally:
             os.close(fd)
+    how = f"posix_fadvise(DONTNEED) on {done} files"
+    if not everything:
+        return how
     try:
         Path("/proc/sys/vm/drop_caches").write_text("1\n")
-    except OSError:
-        pass
+        return how + " + drop_caches"
+    except OSError as err:
+        return how + f" (drop_caches: {err.strerror})"
 
 
 def one_stream(files: list[Path]) -> None:

@@ -119,13 +119,15 @@ def test_stopped_server_leaves_no_follower(parallel_api):
     assert not alive, alive
 
 
-def test_dead_follower_ends_the_worker(start_api):
+def test_a_follower_that_crashes_ends_the_worker_and_leaves_its_stack_in_the_log(start_api):
     server = start_api({"NUM_GPUS": "2"})
     (follower,) = followers_of(server.proc.pid)
-    follower.send_signal(signal.SIGKILL)
+    follower.send_signal(signal.SIGSEGV)  # as a crash in native code would end it
     assert server.proc.wait(timeout=30) == 1  # RunPod restarts a worker that exits
-    assert f"the GPU process of rank 1 (pid {follower.pid}) exited with code -9; exiting so that RunPod " \
-           f"restarts the worker" in server.log()
+    log = server.log()
+    assert f"the GPU process of rank 1 (pid {follower.pid}) exited with code -11; exiting so that RunPod " \
+           f"restarts the worker" in log
+    assert "Fatal Python error: Segmentation fault" in log and "in follower_main" in log  # where it was
 
 
 # ---------------------------------------------------------------- rank 0 in this process

@@ -1,13 +1,15 @@
 """Start-up as deployed: `python handler.py` in a subprocess, as the Dockerfile's CMD starts it, with the
 start-up switches on (WAN_COMPILE, SDXL_COMPILE, PRELOAD_MODELS, WAN_FP8, COMPILE_CACHE_DIR); jobs of other
 shapes than the warm-up's afterwards; a failed start-up that leaves the worker serving; the compile cache
-shared by two worker processes; and a start-up log free of third-party notices that read like failures."""
+shared by two worker processes; a native crash's Python stacks in the log; and a start-up log free of
+third-party notices that read like failures."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import signal
 import sys
 
 import numpy as np
@@ -84,6 +86,15 @@ def test_a_start_up_that_fails_logs_one_line_and_the_worker_keeps_serving(start_
     image = server.runsync(IMAGE)["output"]  # the other mode is unaffected
     assert [im.size for im in pngs(image)] == [(192, 128)]
     assert server.proc.poll() is None
+
+
+def test_a_worker_that_crashes_in_native_code_leaves_its_python_stacks_in_the_log(start_api):
+    server = start_api()
+    server.proc.send_signal(signal.SIGSEGV)  # as a crash in a native library would end it
+    assert server.proc.wait(timeout=30) == -signal.SIGSEGV
+    log = server.log()
+    assert "Fatal Python error: Segmentation fault" in log
+    assert re.search(r'File ".*handler\.py", line \d+ in main', log), log[-2000:]  # where the crash came
 
 
 def test_the_dockerfile_starts_the_worker_the_way_these_tests_do():
