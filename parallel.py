@@ -130,11 +130,14 @@ def follower_main() -> None:
         if box[0][0] == "stop":
             break
         wan.follow(box[0])
-    dist.destroy_process_group()
-    # Exit without interpreter finalization: gloo's threads may still hold tensors then, and freeing them
-    # without a live interpreter aborts the process (SIGABRT) after a clean stop. Nothing is left to flush.
-    logging.shutdown()
-    os._exit(0)
+    try:
+        dist.destroy_process_group()
+    finally:
+        # Exit without interpreter finalization: gloo's threads may still hold tensors then, and freeing them
+        # without a live interpreter aborts the process (SIGABRT) after a clean stop. Nothing else to flush.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
 
 
 class _Group:

@@ -27,6 +27,7 @@ log = logging.getLogger("worker")
 READ_AHEAD_THREADS = 8  # parallel readers of the weight files (an NVMe disk serves several streams faster)
 READ_CHUNK = 64 * 1024**2  # bytes one reader takes at a time
 CGROUP = Path("/sys/fs/cgroup")  # the container's memory limit, where the kernel shows it
+MEMINFO = Path("/proc/meminfo")  # the machine's memory, page cache that can be reclaimed included
 
 
 class Reading:
@@ -36,9 +37,9 @@ class Reading:
     chunks in flight; `result()` gives the bytes read. One line in the log when it ends. The readers are daemon
     threads: a worker that exits (a bad setting, the end of a local test) does not wait for them."""
 
-    def __init__(self, what: str, files: list[Path], guess: bool = False) -> None:
+    def __init__(self, what: str, files: list[Path], guess: bool = False, sizes: list[int] | None = None) -> None:
         self.what, self.files, self.guess = what, files, guess
-        sizes = [f.stat().st_size for f in files]
+        sizes = [f.stat().st_size for f in files] if sizes is None else sizes
         self.total = sum(sizes)
         self._stop, self._why_stopped, self._failed = threading.Event(), "", ""
         self._start = time.perf_counter()
@@ -48,8 +49,11 @@ class Reading:
             for offset in range(0, size, READ_CHUNK):
                 self._chunks.put((f, offset, min(READ_CHUNK, size - offset)))
         self._read = [0] * READ_AHEAD_THREADS
+        if not files:  # nothing to read: done at once, no threads
+            self._finish([])
+            return
         readers = [threading.Thread(target=self._reader, args=(n,), daemon=True, name=f"read-ahead-{n}")
-                   for n in range(READ_AHEAD_THREADS if files else 0)]
+                   for n in range(READ_AHEAD_THREADS)]
         for reader in readers:
             reader.start()
         threading.Thread(target=self._finish, args=(readers,), daemon=True).start()
@@ -58,6 +62,13 @@ class Reading:
         if not self._stop.is_set():
             self._why_stopped = why
             self._stop.set()
+            self._release()  # the loader may read the rest now, not only once the chunks in flight are done
+
+    def _release(self) -> None:
+        with _CLAIMS_LOCK:
+            for f in self.files:
+                if _CLAIMED.get(f) is self:
+                    del _CLAIMED[f]
 
     def result(self, timeout: float | None = None) -> int:
         return self._done.result(timeout)
@@ -79,13 +90,13 @@ class Reading:
         except Exception as err:  # noqa: BLE001 - only a speed-up: the loader reads the files and reports their faults
             self._failed = f"{type(err).__name__}: {first_line(err)}"
             self._stop.set()  # the chunks still queued are left to the loader
+            self._release()
 
     def _finish(self, readers: list[threading.Thread]) -> None:
         for reader in readers:
             reader.join()
         done, seconds = sum(self._read), time.perf_counter() - self._start
-        with _CLAIMS_LOCK:  # only a read in flight needs its files to itself; a later load may read them again
-            _CLAIMED.difference_update(self.files)
+        self._release()  # only a read in flight needs its files to itself; a later load may read them again
         if self._failed:
             log.warning("reading %s ahead failed after %.1f GB (%s); the loader reads the rest itself", self.what,
                         done / 1e9, self._failed)
@@ -98,8 +109,8 @@ class Reading:
         self._done.set_result(done)
 
 
-_CLAIMED: set[Path] = set()  # files a Reading is reading: another start() of them leaves them to it
-_CLAIMS_LOCK = threading.Lock()
+_CLAIMED: dict[Path, Reading] = {}  # files a Reading is reading: another start() of them leaves them to it
+_CLAIMS_LOCK = threading.RLock()  # start() holds it while a Reading with no files finishes at once
 
 
 def start(folder: str, subfolders: Iterable[str], what: str | None = None, guess: bool = False,
@@ -109,33 +120,38 @@ def start(folder: str, subfolders: Iterable[str], what: str | None = None, guess
     while the start-up read runs). Nothing is read when the files would not fit beside what memory is
     free: the read would evict its own first bytes before the loader came."""
     what = what or Path(folder).name
-    # is_file: a broken link (a half-fetched cache) is the loader's to report, in its own sentence.
-    wanted = [f for sub in subfolders for f in sorted((Path(folder) / sub).glob("*.safetensors")) if f.is_file()]
-    with _CLAIMS_LOCK:
-        files = [f for f in wanted if f not in _CLAIMED]
-        total = sum(f.stat().st_size for f in files)
-        free = free_memory()
-        if total > 0.6 * free:
-            log.info("not reading %s ahead: its %.1f GB would not fit in the %.1f GB of free memory", what,
-                     total / 1e9, free / 1e9)
-            files = []
-        _CLAIMED.update(files)
-    if files:
-        log.info("reading %s ahead: %.1f GB in %d files of %s%s", what, total / 1e9, len(files),
-                 ", ".join(dict.fromkeys(f.parent.name for f in files)), f", {why}" if why else "")
     try:
-        return Reading(what, files, guess)
-    except BaseException:
+        # is_file: a broken link (a half-fetched cache) is the loader's to report, in its own sentence.
+        wanted = [f for sub in subfolders for f in sorted((Path(folder) / sub).glob("*.safetensors")) if f.is_file()]
         with _CLAIMS_LOCK:
-            _CLAIMED.difference_update(files)
-        raise
+            files = [f for f in wanted if f not in _CLAIMED]
+            sizes = [f.stat().st_size for f in files]
+            free = free_memory()
+            if sum(sizes) > 0.6 * free:
+                log.info("not reading %s ahead: its %.1f GB would not fit in the %.1f GB of free memory", what,
+                         sum(sizes) / 1e9, free / 1e9)
+                files, sizes = [], []
+            if files:
+                log.info("reading %s ahead: %.1f GB in %d files of %s%s", what, sum(sizes) / 1e9, len(files),
+                         ", ".join(dict.fromkeys(f.parent.name for f in files)), f", {why}" if why else "")
+            reading = Reading(what, files, guess, sizes)
+            _CLAIMED.update(dict.fromkeys(files, reading))
+        return reading
+    except Exception as err:  # noqa: BLE001 - a speed-up must never fail a load: the loader reads the files itself
+        log.warning("not reading %s ahead (%s: %s)", what, type(err).__name__, first_line(err))
+        return Reading(what, [], guess)
 
 
 def free_memory() -> int:
-    """Bytes a read into the page cache may fill: the machine's free memory, or what the container's memory limit
-    leaves (cgroup v2, or v1), when that is less: past it the kernel drops the container's oldest cached pages.
-    The container's usage counts its page cache; its inactive part is what a read may take over."""
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """Bytes a read into the page cache may fill: the machine's available memory, or what the container's memory
+    limit leaves (cgroup v2, or v1), when that is less: past it the kernel drops the container's oldest cached
+    pages. Page cache that can be reclaimed counts as free, since a read takes over the oldest cached pages
+    first: MemAvailable for the machine, the inactive part of the container's usage for the container."""
+    try:
+        fields = dict(line.split(":", 1) for line in MEMINFO.read_text().splitlines() if ":" in line)
+        free = int(fields["MemAvailable"].split()[0]) * 1024  # kB
+    except (OSError, KeyError, ValueError):
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     for limit, used, stat, reclaimable in (("memory.max", "memory.current", "memory.stat", "inactive_file"),
                                            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
                                             "memory/memory.stat", "total_inactive_file")):

@@ -65,15 +65,17 @@ def test_a_worker_reads_the_wan_weights_from_its_start_and_an_image_job_stops_th
 
 
 def test_the_loader_leaves_files_to_the_start_up_read_that_is_reading_them(tmp_path):
-    """While the start-up read is under way, the load's own read_ahead of the same files reads nothing again;
-    once it has ended, a later load (Wan unloaded for SDXL, say) reads them ahead anew."""
+    """While the start-up read is under way, the load's own read of the same files reads nothing again; once it
+    has been stopped (the plan turned WAN_FP8 off, say), or has ended, a later load reads them ahead anew."""
     folder = sparse_model(tmp_path / "wan", 4.0)
     first = readahead.start(str(folder), ("transformer",))
     assert readahead.start(str(folder), ("transformer",)).result(timeout=60) == 0
     first.stop("the test saw enough")
-    first.result(timeout=60)
+    # At once, while the stopped read's last chunks are still in flight: the files are the loader's again.
     later = readahead.start(str(folder), ("transformer",))
     assert later.total == 4_000_000_000
+    first.result(timeout=60)
+    assert readahead.start(str(folder), ("transformer",)).result(timeout=60) == 0  # `later` still holds them
     later.stop("the test is over")
     later.result(timeout=60)
 
@@ -136,6 +138,35 @@ def test_a_read_ahead_that_would_not_fit_in_the_containers_memory_is_not_started
     assert "not reading Wan2.1 I2V ahead: its 0.5 GB would not fit in the 0.6 GB of free memory" in caplog.text
     (cgroup / "memory.max").write_text("max\n")  # no limit: the machine's free memory decides
     assert readahead.start(str(folder), ("transformer",), "Wan2.1 I2V").result(timeout=30) == 500_000_000
+
+
+def test_page_cache_that_can_be_reclaimed_counts_as_free_memory(tmp_path, monkeypatch, caplog):
+    """A machine whose memory is mostly page cache (an earlier model's files, say) still reads ahead: what the
+    kernel can reclaim (MemAvailable) counts as free, not only the memory no page uses (MemFree)."""
+    folder = sparse_model(tmp_path / "wan", 0.5)
+    meminfo = tmp_path / "meminfo"
+    monkeypatch.setattr(readahead, "MEMINFO", meminfo)
+    monkeypatch.setattr(readahead, "CGROUP", tmp_path / "no-cgroup")  # no container limit
+    caplog.set_level("INFO", logger="worker")
+    meminfo.write_text("MemTotal:       16000000 kB\nMemFree:          100000 kB\nMemAvailable:   12000000 kB\n")
+    assert readahead.start(str(folder), ("transformer",), "Wan2.1 I2V").result(timeout=30) == 500_000_000
+    meminfo.write_text("MemTotal:       16000000 kB\nMemFree:          100000 kB\nMemAvailable:     700000 kB\n")
+    assert readahead.start(str(folder), ("transformer",), "Wan2.1 I2V").result(timeout=30) == 0
+    assert "not reading Wan2.1 I2V ahead: its 0.5 GB would not fit in the 0.7 GB of free memory" in caplog.text
+
+
+def test_a_fault_before_the_read_starts_leaves_the_files_to_the_loader(tmp_path, monkeypatch, caplog):
+    """The loader's own read is only a speed-up: a fault while sizing it logs one warning and the load goes on."""
+    folder = sparse_model(tmp_path / "wan", 0.01)
+
+    def unreadable() -> int:
+        raise PermissionError("/proc/meminfo: permission denied")
+
+    monkeypatch.setattr(readahead, "free_memory", unreadable)
+    assert readahead.start(str(folder), ("transformer",), "Wan2.1 I2V").result(timeout=5) == 0
+    assert "not reading Wan2.1 I2V ahead (PermissionError: /proc/meminfo: permission denied)" in caplog.text
+    monkeypatch.undo()
+    assert readahead.start(str(folder), ("transformer",)).result(timeout=30) == 10_000_000  # nothing left claimed
 
 
 def test_a_broken_weight_file_link_is_left_to_the_loader_and_the_rest_is_read(tmp_path):
