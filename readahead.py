@@ -121,8 +121,7 @@ def start(folder: str, subfolders: Iterable[str], what: str | None = None, guess
     free: the read would evict its own first bytes before the loader came."""
     what = what or Path(folder).name
     try:
-        # is_file: a broken link (a half-fetched cache) is the loader's to report, in its own sentence.
-        wanted = [f for sub in subfolders for f in sorted((Path(folder) / sub).glob("*.safetensors")) if f.is_file()]
+        wanted = weight_files(folder, subfolders)
         with _CLAIMS_LOCK:
             files = [f for f in wanted if f not in _CLAIMED]
             sizes = [f.stat().st_size for f in files]
@@ -140,6 +139,12 @@ def start(folder: str, subfolders: Iterable[str], what: str | None = None, guess
     except Exception as err:  # noqa: BLE001 - a speed-up must never fail a load: the loader reads the files itself
         log.warning("not reading %s ahead (%s: %s)", what, type(err).__name__, first_line(err))
         return Reading(what, [], guess)
+
+
+def weight_files(folder: str | Path, subfolders: Iterable[str]) -> list[Path]:
+    """The .safetensors files of these subfolders, in the loader's order. A broken link (a half-fetched cache) is
+    left out: it is the loader's to report, in its own sentence."""
+    return [f for sub in subfolders for f in sorted((Path(folder) / sub).glob("*.safetensors")) if f.is_file()]
 
 
 def free_memory() -> int:
@@ -176,8 +181,8 @@ def at_start(settings: Settings) -> dict[str, Reading]:
     start-up, as a guess that the first job is a video (an image job stops it). Weights that are not on this
     worker yet are fetched by the load, not read here. Never raises: it is only a speed-up."""
     wan_at_start = settings.loads_at_start("wan")
-    if not (wan_at_start or not settings.loads_at_start("sdxl")):
-        return {}
+    if not wan_at_start and settings.loads_at_start("sdxl"):
+        return {}  # SDXL alone at start-up: an endpoint that serves images first
     why = "as Wan loads at start-up" if wan_at_start else "as a guess that the first job is a video"
     try:
         folder = weights.local_folder("wan-i2v", settings.wan_model_id, download=False, model_dir=settings.model_dir)
@@ -195,9 +200,8 @@ def revise(reading: dict[str, Reading], settings: Settings) -> None:
     for this GPU): a read of a transformer the load will not use stops; one for a Wan that no longer loads at
     start-up becomes a guess, which an image job stops."""
     wan = reading.get("wan")
-    if wan is None or not wan.files:
+    if wan is None:
         return
-    folder = wan.files[0].parent
-    if folder.name != weights.wan_parts(str(folder.parent), settings.wan_fp8)[0]:
-        wan.stop(f"WAN_FP8 is off on this GPU, so the load reads {weights.wan_parts(str(folder.parent), False)[0]}/")
+    if not settings.wan_fp8 and any(f.parent.name == weights.FLOAT8_TRANSFORMER for f in wan.files):
+        wan.stop("WAN_FP8 is off on this GPU, so the load reads transformer/")
     wan.guess = wan.guess or not settings.loads_at_start("wan")

@@ -23,7 +23,6 @@ from jobs import Ready, prepare
 from model_handler import ModelHandler
 from models.base import Cancelled, Progress, free_memory
 from plan import decide, log_plan
-from readahead import Reading
 from schemas import Job, VideoJob
 from settings import Settings
 from storage import Artifact, deliver, save_local
@@ -134,13 +133,13 @@ def local_handler(worker: Worker):
     return handle
 
 
-def build_worker(settings: Settings, reading: dict[str, Reading] | None = None) -> Worker:
+def build_worker(settings: Settings, reading: dict[str, readahead.Reading] | None = None) -> Worker:
     """What a worker process builds at start: the plan (each switch decided once, one log line for each one
     turned off), the models (nothing loads yet; `reading`: the weights read ahead since the process started),
     quiet third-party logs and, with NUM_GPUS above 1, one process per further GPU. Raises SettingsError for a
     setup that cannot run."""
-    plan = decide(settings)
+    plan, reading = decide(settings), reading or {}
     log_plan(plan)
-    readahead.revise(reading or {}, plan.settings)
+    readahead.revise(reading, plan.settings)
     logs.quiet_third_party()
-    return Worker(plan.settings, ModelHandler(plan, reading or {}))
+    return Worker(plan.settings, ModelHandler(plan, reading))

@@ -34,6 +34,8 @@ import disk as disk_probe
 from bench import DEFAULT_MODELS, RESULTS, ROOT, meta, video_input, worker_env
 
 import download_weights
+import readahead
+import weights
 
 # gpu_session.sh's speed switches (its SPEED), so that "speed-cached" finds the cache `goals` wrote.
 SPEED = {"WAN_FP8": "1", "WAN_FP8_ATTENTION": "1", "WAN_COMPILE": "1", "WAN_VAE_DTYPE": "bfloat16"}
@@ -224,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.disk:
         wan = args.models / "wan-i2v"
-        data["disk"] = disk([f for sub in ("transformer", "image_encoder", "vae", "text_encoder")
-                             for f in sorted((wan / sub).glob("*.safetensors"))], args.disk)
+        data["disk"] = disk(readahead.weight_files(wan, weights.WAN_PARTS), args.disk)
         print(f"[cold] disk: {json.dumps(data['disk'])}", flush=True)
     with tempfile.TemporaryDirectory(prefix="cold-") as scratch:
         for shape in data["shapes"]:
